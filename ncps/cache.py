@@ -1,0 +1,295 @@
+"""The read-through cache: no HTTP and no SQL here, only the decisions.
+
+narinfo: database hit -> serve; miss -> ask the upstreams in priority order,
+parse, check the store path and the signature, rewrite the URL to our own
+``nar/<key>.nar[.ext]``, persist, start fetching the NAR, serve.
+
+NAR: committed object -> serve the file; download in flight -> tail it;
+otherwise -> start the download described by a stored narinfo.  A NAR nobody
+has a narinfo for is not fetched: we could not verify it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ncps import narinfo as narinfo_mod
+from ncps.coalesce import Coalescer
+from ncps.db.queries import TOUCH_INTERVAL, Database, NarFile, NarInfoRecord
+from ncps.download import NarDownload
+from ncps.errors import NotFound, UpstreamError
+from ncps.narinfo import NarInfo, NarInfoError
+from ncps.narsink import VERIFIABLE_COMPRESSIONS, Expected, NarSink
+from ncps.nix32 import encode as nix32_encode
+from ncps.signing import SecretKey, TrustedKeys, sign_narinfo
+from ncps.storage.local import LocalStore, nar_file_name
+from ncps.threads import Runner
+from ncps.upstream import UpstreamPool, resolve_nar_url
+
+log = Logger()
+
+
+class Rejected(Exception):
+    """An upstream narinfo we will not store or serve."""
+
+
+@attrs.frozen
+class NarBody:
+    """What to send for a NAR request: a readable descriptor, owned by the caller.
+
+    ``download`` is set while the NAR is still arriving; ``size`` is the
+    length to announce (``None`` when not known in advance).
+    """
+
+    fd: int
+    size: int | None
+    download: NarDownload | None = None
+
+
+def nar_key_for(ni: NarInfo) -> str:
+    """The name we store and serve a NAR under: FileHash, else NarHash, in nix32."""
+    h = ni.file_hash if ni.file_hash is not None and ni.file_hash.algorithm == "sha256" else ni.nar_hash
+    return nix32_encode(h.digest)
+
+
+def announced_length(ni: NarInfo) -> int | None:
+    if ni.file_size is not None:
+        return ni.file_size
+    if ni.compression == "none":
+        return ni.nar_size
+    return None
+
+
+class Cache:
+    """Read-through cache over the database, the NAR store and the upstreams."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        db: Database,
+        store: LocalStore,
+        upstreams: UpstreamPool,
+        trusted: TrustedKeys,
+        signer: SecretKey | None,
+        io: Runner,
+    ) -> None:
+        self._clock = clock
+        self._db = db
+        self._store = store
+        self._upstreams = upstreams
+        self._trusted = trusted
+        self._signer = signer
+        self._io = io
+        self._narinfo_fetches: Coalescer[NarInfoRecord] = Coalescer()
+        self._download_starts: Coalescer[NarDownload] = Coalescer()
+        self._downloads: dict[tuple[str, str], NarDownload] = {}
+
+    # -- narinfo -------------------------------------------------------------------
+
+    def render(self, record: NarInfoRecord) -> bytes:
+        """The narinfo text we serve, signed with our key if signing is on."""
+        ni = record.narinfo
+        if self._signer is not None:
+            ni = sign_narinfo(ni, self._signer)
+        return ni.to_text().encode("utf-8")
+
+    async def narinfo(self, hash_part: str) -> NarInfoRecord:
+        """The narinfo for ``hash_part``; raises :class:`NotFound`."""
+        record: NarInfoRecord | None = await self._db.get_narinfo(hash_part)
+        if record is not None:
+            self._touch(record)
+            return record
+        return await self._narinfo_fetches.run(
+            hash_part, lambda: self._fetch_narinfo(hash_part)
+        )
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(
+            self._clock.seconds(), datetime.UTC
+        ).replace(tzinfo=None)
+
+    def _touch(self, record: NarInfoRecord) -> None:
+        last = record.last_accessed_at
+        if last is not None and self._now() - last < TOUCH_INTERVAL:
+            return
+        d = self._db.touch_narinfo(record.narinfo.hash_part)
+        d.addErrback(lambda f: log.failure("recording access", f))
+
+    async def _fetch_narinfo(self, hash_part: str) -> NarInfoRecord:
+        await self._upstreams.first_check()
+        for upstream in self._upstreams.ordered():
+            try:
+                text = await self._upstreams.fetch_narinfo(upstream, hash_part)
+            except NotFound:
+                continue
+            except UpstreamError as e:
+                log.warn("upstream {url} failed for {hash}: {why}",
+                         url=upstream.url, hash=hash_part, why=str(e))
+                continue
+            try:
+                record = self.ingest(upstream.url, hash_part, text)
+            except Rejected as e:
+                log.warn("rejected narinfo {hash} from {url}: {why}",
+                         hash=hash_part, url=upstream.url, why=str(e))
+                continue
+            stored: NarInfoRecord = await self._db.put_narinfo(record)
+            self._prefetch(stored)
+            return stored
+        raise NotFound(hash_part)
+
+    def ingest(self, base_url: str, hash_part: str, text: bytes) -> NarInfoRecord:
+        """Check an upstream narinfo and turn it into what we store.
+
+        Raises :class:`Rejected` for anything we must not serve.
+        """
+        try:
+            ni = narinfo_mod.parse(text)
+        except NarInfoError as e:
+            raise Rejected(f"does not parse: {e}") from None
+        if ni.hash_part != hash_part:
+            raise Rejected(f"StorePath {ni.store_path} does not match {hash_part}")
+        if not self._trusted.verify_narinfo(ni):
+            raise Rejected("no signature by a trusted upstream key")
+        if ni.compression not in VERIFIABLE_COMPRESSIONS:
+            raise Rejected(f"Compression {ni.compression} cannot be verified")
+        if ni.compression == "none":
+            if ni.file_size is not None and ni.file_size != ni.nar_size:
+                raise Rejected("FileSize differs from NarSize for an uncompressed NAR")
+            if ni.file_hash is not None and ni.file_hash != ni.nar_hash:
+                raise Rejected("FileHash differs from NarHash for an uncompressed NAR")
+        try:
+            upstream_url = resolve_nar_url(base_url, ni.url)
+        except UpstreamError as e:
+            raise Rejected(str(e)) from None
+        key = nar_key_for(ni)
+        ours = attrs.evolve(ni, url=f"nar/{nar_file_name(key, ni.compression)}")
+        return NarInfoRecord(narinfo=ours, nar_key=key, upstream_url=upstream_url)
+
+    # -- NAR -----------------------------------------------------------------------
+
+    async def nar(self, nar_key: str, compression: str) -> NarBody:
+        """Open a NAR for sending; raises :class:`NotFound` or :class:`UpstreamError`."""
+        download = self._downloads.get((nar_key, compression))
+        if download is not None and not download.done:
+            return NarBody(download.open_reader(), download.expected_length, download)
+        nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
+        if nar_file is not None:
+            body = self._open_committed(nar_key, compression)
+            if body is not None:
+                return body
+        record: NarInfoRecord | None = await self._db.find_nar_source(nar_key, compression)
+        if record is None:
+            raise NotFound(f"{nar_key}.nar ({compression})")
+        download = await self._start_download(record)
+        if download.done:
+            await download.when_done()
+            body = self._open_committed(nar_key, compression)
+            if body is None:
+                raise NotFound(f"{nar_key}.nar ({compression})")
+            return body
+        return NarBody(download.open_reader(), download.expected_length, download)
+
+    async def nar_length(self, nar_key: str, compression: str) -> int | None:
+        """For HEAD: the length if the NAR is stored or arriving (never downloads).
+
+        Returns None when the length is not known yet; raises :class:`NotFound`.
+        """
+        download = self._downloads.get((nar_key, compression))
+        if download is not None and not download.done:
+            return download.expected_length
+        nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
+        if nar_file is None:
+            raise NotFound(f"{nar_key}.nar ({compression})")
+        return nar_file.file_size
+
+    def _open_committed(self, nar_key: str, compression: str) -> NarBody | None:
+        path = self._store.nar_path(nar_key, compression)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            log.warn("NAR {path} is recorded but missing; fetching it again", path=str(path))
+            return None
+        return NarBody(fd, os.fstat(fd).st_size)
+
+    def _prefetch(self, record: NarInfoRecord) -> None:
+        async def prefetch() -> None:
+            ni = record.narinfo
+            if await self._db.get_nar_file(record.nar_key, ni.compression) is not None:
+                return
+            await self._start_download(record)
+
+        def failed(f: Failure) -> None:
+            log.warn("prefetch of {url} failed: {why}", url=record.narinfo.url,
+                     why=f.getErrorMessage())
+
+        Deferred.fromCoroutine(prefetch()).addErrback(failed)
+
+    def _start_download(self, record: NarInfoRecord) -> Deferred[NarDownload]:
+        key = (record.nar_key, record.narinfo.compression)
+        existing = self._downloads.get(key)
+        if existing is not None and not existing.done:
+            return Deferred.fromCoroutine(_value(existing))
+        return self._download_starts.run(key, lambda: self._begin_download(record))
+
+    async def _begin_download(self, record: NarInfoRecord) -> NarDownload:
+        ni = record.narinfo
+        key = (record.nar_key, ni.compression)
+        upstream = self._upstreams.upstream_for(record.upstream_url)
+        response = await self._upstreams.open_nar(upstream, record.upstream_url)
+        fd, temp = await self._io.run(self._store.new_temp_file_thd, record.nar_key)
+        expected = Expected(
+            compression=ni.compression,
+            nar_hash=ni.nar_hash,
+            nar_size=ni.nar_size,
+            file_hash=ni.file_hash,
+            file_size=ni.file_size,
+        )
+        download = NarDownload(
+            clock=self._clock,
+            name=ni.url,
+            temp_path=temp,
+            sink=NarSink(fd, expected),
+            run_io=self._io.run,
+            commit=lambda: Deferred.fromCoroutine(self._commit(record, temp, download)),
+            discard=lambda: self._io.run(self._store.discard_thd, temp),
+            expected_length=announced_length(ni),
+            read_fd=os.open(temp, os.O_RDONLY),
+        )
+        self._downloads[key] = download
+
+        def forget(result: Any) -> None:
+            if self._downloads.get(key) is download:
+                del self._downloads[key]
+
+        download.when_done().addBoth(forget)
+        log.info("fetching {url} from {upstream}", url=ni.url, upstream=record.upstream_url)
+        response.deliverBody(download.body_protocol())
+        return download
+
+    async def _commit(self, record: NarInfoRecord, temp: Path, download: NarDownload) -> None:
+        ni = record.narinfo
+        await self._io.run(self._store.commit_thd, temp, record.nar_key, ni.compression)
+        await self._db.put_nar_file(
+            NarFile(
+                nar_key=record.nar_key,
+                compression=ni.compression,
+                file_size=download.written,
+                nar_hash=ni.nar_hash,
+                nar_size=ni.nar_size,
+            )
+        )
+        log.info("cached {url} ({size} bytes, verified)", url=ni.url, size=download.written)
+
+
+async def _value(x: NarDownload) -> NarDownload:
+    return x

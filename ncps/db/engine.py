@@ -1,0 +1,104 @@
+"""Engines per dialect and schema migrations (Alembic), run synchronously.
+
+``open_engine`` and ``migrate`` block: they run at startup, before anything
+listens, or on a db pool thread.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.pool import QueuePool
+
+from ncps.errors import StartupError
+
+
+def sqlalchemy_url(url: str) -> tuple[str, Path | None]:
+    """Turn an ncps database URL into a SQLAlchemy URL (and the SQLite file)."""
+    scheme, _, rest = url.partition(":")
+    if scheme.lower() in ("sqlite", "sqlite3"):
+        path = rest[2:] if rest.startswith("//") else rest
+        path = path.split("?", 1)[0]
+        file = Path(path).expanduser().absolute()
+        return f"sqlite+pysqlite:///{file}", file
+    raise StartupError(f"--cache-database-url: unsupported database {url!r}")
+
+
+def open_engine(url: str, pool_size: int = 4) -> Engine:
+    """Create the engine for ``url``, creating an SQLite file's directory."""
+    sa_url, sqlite_file = sqlalchemy_url(url)
+    if sqlite_file is None:  # pragma: no cover - other dialects come later
+        return create_engine(sa_url, pool_pre_ping=True)
+    try:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(
+            f"--cache-database-url: cannot create {sqlite_file.parent}: {e.strerror}"
+        ) from None
+    engine = create_engine(
+        sa_url,
+        poolclass=QueuePool,
+        pool_size=pool_size,
+        max_overflow=0,
+        connect_args={"check_same_thread": False, "timeout": 30},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return engine
+
+
+def schema_dir() -> Path:
+    """The migration scripts: package ``ncps_schema`` when installed, else the
+    ``schema/`` directory of the source checkout ncps runs from."""
+    if importlib.util.find_spec("ncps_schema") is not None:
+        return Path(str(importlib.resources.files("ncps_schema")))
+    return Path(__file__).resolve().parents[2] / "schema"
+
+
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(schema_dir()))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest revision the shipped migrations know."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (``None`` for an empty database)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine) -> tuple[str | None, str]:
+    """Bring the schema to the newest revision; return (before, after).
+
+    A fresh database is created by the migrations themselves, so every
+    database, old or new, goes through the same scripts.
+    """
+    before = current_revision(engine)
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return before, head_revision()

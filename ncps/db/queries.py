@@ -1,0 +1,248 @@
+"""The metadata database behind an async facade.
+
+Every ``*_thd`` function runs on the db pool, takes plain values and returns
+plain values (frozen attrs records); :class:`Database` wraps each in a
+Deferred-returning method for the reactor thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import TypeVar
+
+import attrs
+from sqlalchemy import Connection, Engine, Row, and_, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ncps.db.schema import config, nar_files, narinfos
+from ncps.narinfo import NarInfo
+from ncps.nixhash import NixHash, parse_hash
+from ncps.threads import Runner
+
+T = TypeVar("T")
+
+# Last-access times are refreshed at most this often, to keep reads read-only.
+TOUCH_INTERVAL = datetime.timedelta(minutes=5)
+
+
+@attrs.frozen
+class NarInfoRecord:
+    """A stored narinfo: what we serve, and where its NAR comes from."""
+
+    narinfo: NarInfo  # url is our canonical one; signatures are the upstream's
+    nar_key: str
+    upstream_url: str
+    last_accessed_at: datetime.datetime | None = None
+
+
+@attrs.frozen
+class NarFile:
+    """A NAR object that is whole, verified and committed to storage."""
+
+    nar_key: str
+    compression: str
+    file_size: int
+    nar_hash: NixHash
+    nar_size: int
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+def _narinfo_from_row(row: Row[tuple[object, ...]]) -> NarInfoRecord:
+    m = row._mapping
+    refs = str(m["refs"])
+    sigs = str(m["signatures"])
+    ni = NarInfo(
+        store_path=str(m["store_path"]),
+        url=str(m["url"]),
+        compression=str(m["compression"]),
+        nar_hash=parse_hash(str(m["nar_hash"])),
+        nar_size=int(m["nar_size"]),  # type: ignore[call-overload]
+        file_hash=parse_hash(str(m["file_hash"])) if m["file_hash"] else None,
+        file_size=int(m["file_size"]) if m["file_size"] is not None else None,  # type: ignore[call-overload]
+        references=tuple(refs.split()) if refs else (),
+        deriver=m["deriver"],  # type: ignore[arg-type]
+        system=m["system"],  # type: ignore[arg-type]
+        signatures=tuple(sigs.split("\n")) if sigs else (),
+        ca=m["ca"],  # type: ignore[arg-type]
+    )
+    return NarInfoRecord(
+        narinfo=ni,
+        nar_key=str(m["nar_key"]),
+        upstream_url=str(m["upstream_url"]),
+        last_accessed_at=m["last_accessed_at"],  # type: ignore[arg-type]
+    )
+
+
+def get_narinfo_thd(conn: Connection, hash_part: str) -> NarInfoRecord | None:
+    row = conn.execute(select(narinfos).where(narinfos.c.hash == hash_part)).first()
+    return _narinfo_from_row(row) if row is not None else None
+
+
+def put_narinfo_thd(conn: Connection, record: NarInfoRecord) -> NarInfoRecord:
+    """Insert ``record`` unless a row for that hash exists; return the stored row."""
+    ni = record.narinfo
+    now = _now()
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(narinfos).values(
+                    hash=ni.hash_part,
+                    store_path=ni.store_path,
+                    url=ni.url,
+                    compression=ni.compression,
+                    file_hash=ni.file_hash.to_nix32() if ni.file_hash else None,
+                    file_size=ni.file_size,
+                    nar_hash=ni.nar_hash.to_nix32(),
+                    nar_size=ni.nar_size,
+                    refs=" ".join(ni.references),
+                    deriver=ni.deriver,
+                    system=ni.system,
+                    ca=ni.ca,
+                    signatures="\n".join(ni.signatures),
+                    nar_key=record.nar_key,
+                    upstream_url=record.upstream_url,
+                    created_at=now,
+                    last_accessed_at=now,
+                )
+            )
+    except IntegrityError:
+        pass  # first writer wins
+    stored = get_narinfo_thd(conn, ni.hash_part)
+    assert stored is not None
+    return stored
+
+
+def touch_narinfo_thd(conn: Connection, hash_part: str) -> None:
+    now = _now()
+    conn.execute(
+        update(narinfos)
+        .where(
+            and_(
+                narinfos.c.hash == hash_part,
+                narinfos.c.last_accessed_at < now - TOUCH_INTERVAL,
+            )
+        )
+        .values(last_accessed_at=now)
+    )
+
+
+def find_nar_source_thd(
+    conn: Connection, nar_key: str, compression: str
+) -> NarInfoRecord | None:
+    """Any narinfo whose NAR is ``nar_key`` with that compression."""
+    row = conn.execute(
+        select(narinfos)
+        .where(
+            and_(narinfos.c.nar_key == nar_key, narinfos.c.compression == compression)
+        )
+        .limit(1)
+    ).first()
+    return _narinfo_from_row(row) if row is not None else None
+
+
+def get_nar_file_thd(conn: Connection, nar_key: str, compression: str) -> NarFile | None:
+    row = conn.execute(
+        select(nar_files).where(
+            and_(nar_files.c.hash == nar_key, nar_files.c.compression == compression)
+        )
+    ).first()
+    if row is None:
+        return None
+    m = row._mapping
+    return NarFile(
+        nar_key=str(m["hash"]),
+        compression=str(m["compression"]),
+        file_size=int(m["file_size"]),
+        nar_hash=parse_hash(str(m["nar_hash"])),
+        nar_size=int(m["nar_size"]),
+    )
+
+
+def put_nar_file_thd(conn: Connection, nar: NarFile) -> None:
+    """Record a committed NAR object (idempotent)."""
+    now = _now()
+    try:
+        with conn.begin_nested():
+            conn.execute(
+                insert(nar_files).values(
+                    hash=nar.nar_key,
+                    compression=nar.compression,
+                    file_size=nar.file_size,
+                    nar_hash=nar.nar_hash.to_nix32(),
+                    nar_size=nar.nar_size,
+                    created_at=now,
+                    last_accessed_at=now,
+                )
+            )
+    except IntegrityError:
+        pass
+
+
+def get_config_thd(conn: Connection, key: str) -> str | None:
+    value = conn.execute(select(config.c.value).where(config.c.key == key)).scalar()
+    return None if value is None else str(value)
+
+
+def put_config_if_absent_thd(conn: Connection, key: str, value: str) -> str:
+    """Store ``value`` unless the key exists; return the value that is stored."""
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(config).values(key=key, value=value, created_at=_now()))
+    except IntegrityError:
+        pass
+    stored = get_config_thd(conn, key)
+    assert stored is not None
+    return stored
+
+
+def set_config_thd(conn: Connection, key: str, value: str) -> None:
+    if get_config_thd(conn, key) is None:
+        conn.execute(insert(config).values(key=key, value=value, created_at=_now()))
+    else:
+        conn.execute(
+            update(config)
+            .where(config.c.key == key)
+            .values(value=value, updated_at=_now())
+        )
+
+
+class Database:
+    """Async access to the metadata database.
+
+    Owns nothing: the engine is disposed and the pool stopped by the service
+    tree.  Every method returns a Deferred that fires on the reactor thread.
+    """
+
+    def __init__(self, engine: Engine, runner: Runner) -> None:
+        self.engine = engine
+        self._runner = runner
+
+    def call_thd(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(conn, *args)`` in one transaction (on the calling thread)."""
+        with self.engine.begin() as conn:
+            return fn(conn, *args)
+
+    def _run(self, fn: Callable[..., T], *args: object):  # type: ignore[no-untyped-def]
+        return self._runner.run(self.call_thd, fn, *args)
+
+    def get_narinfo(self, hash_part: str):  # type: ignore[no-untyped-def]
+        return self._run(get_narinfo_thd, hash_part)
+
+    def put_narinfo(self, record: NarInfoRecord):  # type: ignore[no-untyped-def]
+        return self._run(put_narinfo_thd, record)
+
+    def touch_narinfo(self, hash_part: str):  # type: ignore[no-untyped-def]
+        return self._run(touch_narinfo_thd, hash_part)
+
+    def find_nar_source(self, nar_key: str, compression: str):  # type: ignore[no-untyped-def]
+        return self._run(find_nar_source_thd, nar_key, compression)
+
+    def get_nar_file(self, nar_key: str, compression: str):  # type: ignore[no-untyped-def]
+        return self._run(get_nar_file_thd, nar_key, compression)
+
+    def put_nar_file(self, nar: NarFile):  # type: ignore[no-untyped-def]
+        return self._run(put_nar_file_thd, nar)

@@ -1,0 +1,283 @@
+"""One upstream NAR download, shared by every client that asks for it meanwhile.
+
+The upstream body arrives on the reactor thread; batches of it go to the io pool,
+where a :class:`~ncps.narsink.NarSink` appends them to a temp file, hashes them
+and decompresses them to check NarHash/NarSize.  Only one batch per download is
+in the pool at a time (so the sink needs no locks and order is kept); while a
+batch is being written the next one accumulates, and the upstream transport is
+paused when too much is waiting (memory stays flat whatever the NAR size).
+
+Clients tail the temp file (see ``ncps.streaming``) up to :attr:`readable`,
+which always holds back the last byte until the whole download is verified: a
+client never receives a complete NAR that did not verify, and on a mismatch its
+connection is aborted.
+
+The download belongs to nobody's request: clients come and go, it carries on
+to the end and commits the object (rename, then the database row).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from ncps.errors import IntegrityError, UpstreamError
+from ncps.narsink import NarSink
+
+log = Logger()
+
+# Pause the upstream when this much is waiting for the io pool.
+HIGH_WATER = 8 << 20
+LOW_WATER = 2 << 20
+# Abort an upstream body that sends nothing for this long.
+IDLE_TIMEOUT = 120.0
+
+Listener = Callable[[], None]
+
+
+class NarDownload:
+    """State of one download; lives on the reactor thread.
+
+    ``run_io(fn, *args)`` runs a blocking function on the io pool and returns a
+    Deferred.  ``commit()`` is called once the bytes verified; it moves the temp
+    file into the store and records it, returning a Deferred.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        name: str,
+        temp_path: Path,
+        sink: NarSink,
+        run_io: Callable[..., Deferred[Any]],
+        commit: Callable[[], Deferred[None]],
+        discard: Callable[[], Deferred[None]],
+        expected_length: int | None,
+        read_fd: int,
+    ) -> None:
+        self.name = name
+        self._read_fd = read_fd
+        self.temp_path = temp_path
+        self.expected_length = expected_length
+        self._clock = clock
+        self._sink = sink
+        self._run_io = run_io
+        self._commit = commit
+        self._discard = discard
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._io_busy = False
+        self._body_done = False
+        self._paused = False
+        self._transport: IPushProducer | None = None
+        self._idle: IDelayedCall | None = None
+        self.written = 0
+        self.verified = False
+        self.failure: Failure | None = None
+        self._listeners: set[Listener] = set()
+        self._finished: list[Deferred[None]] = []
+
+    # -- observers -------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.verified or self.failure is not None
+
+    @property
+    def readable(self) -> int:
+        """Bytes of the temp file a client may be sent now."""
+        if self.verified:
+            return self.written
+        return max(0, self.written - 1)
+
+    def open_reader(self) -> int:
+        """A new read-only descriptor of the temp file, owned by the caller.
+
+        Only valid while the download is neither committed nor failed (the
+        temp file may be renamed or deleted after that).
+        """
+        assert self._read_fd >= 0, "download is over"
+        return os.dup(self._read_fd)
+
+    def _close_reader(self) -> None:
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener()`` whenever more bytes are readable or it is done."""
+        self._listeners.add(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        self._listeners.discard(listener)
+
+    def when_done(self) -> Deferred[None]:
+        """A new Deferred that fires when committed or fails with the reason.
+
+        Cancelling it detaches only that caller; the download goes on.
+        """
+        d: Deferred[None] = Deferred(lambda d: self._finished.remove(d))
+        if self.verified:
+            d.callback(None)
+        elif self.failure is not None:
+            d.errback(self.failure)
+        else:
+            self._finished.append(d)
+        return d
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    # -- the upstream body ---------------------------------------------------------
+
+    def body_protocol(self) -> Protocol:
+        """The protocol to hand to ``IResponse.deliverBody``."""
+        return _BodyReceiver(self)
+
+    def _connected(self, transport: IPushProducer) -> None:
+        self._transport = transport
+        self._reset_idle()
+
+    def _reset_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(IDLE_TIMEOUT)
+        else:
+            self._idle = self._clock.callLater(IDLE_TIMEOUT, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self._transport is not None:
+            self._transport.stopProducing()
+        self._fail(Failure(UpstreamError(f"upstream stalled on {self.name}")))
+
+    def _data(self, data: bytes) -> None:
+        if self.done:
+            return
+        self._reset_idle()
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > HIGH_WATER and not self._paused and self._transport:
+            self._paused = True
+            self._transport.pauseProducing()
+        self._flush()
+
+    def _body_end(self, reason: Failure) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        self._transport = None
+        if self.done:
+            return
+        if not reason.check(ResponseDone):
+            if reason.check(PotentialDataLoss, ConnectionDone):
+                # No Content-Length: the end of the connection is the end of
+                # the body.  The hashes and sizes decide whether it is whole.
+                pass
+            else:
+                self._fail(
+                    Failure(UpstreamError(f"upstream body of {self.name} broke: "
+                                          f"{reason.getErrorMessage()}"))
+                )
+                return
+        self._body_done = True
+        self._flush()
+
+    # -- the io pool -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._io_busy or self.done:
+            return
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._pending_bytes = 0
+            self._io_busy = True
+            self._run_io(self._sink.write_thd, batch).addCallbacks(
+                self._written, self._io_failed
+            )
+            if self._paused and self._transport is not None:
+                self._paused = False
+                self._transport.resumeProducing()
+        elif self._body_done:
+            self._io_busy = True
+            d = self._run_io(self._sink.finish_thd)
+            d.addCallback(lambda _: self._commit())
+            d.addCallbacks(self._committed, self._io_failed)
+
+    def _written(self, size: int) -> None:
+        self._io_busy = False
+        if self.failure is not None:
+            self._cleanup()
+            return
+        self.written = size
+        self._notify()
+        self._flush()
+
+    def _io_failed(self, failure: Failure) -> None:
+        self._io_busy = False
+        self._fail(failure)
+
+    def _committed(self, _: object) -> None:
+        self._io_busy = False
+        self.verified = True
+        self._close_reader()
+        self._notify()
+        waiters, self._finished = self._finished, []
+        for d in waiters:
+            d.callback(None)
+
+    def _fail(self, failure: Failure) -> None:
+        if self.failure is not None or self.verified:
+            return
+        self.failure = failure
+        self._close_reader()
+        if failure.check(IntegrityError):
+            log.error("discarded NAR {name}: {reason}", name=self.name,
+                      reason=failure.getErrorMessage())
+        else:
+            log.warn("download of NAR {name} failed: {reason}", name=self.name,
+                     reason=failure.getErrorMessage())
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self._transport is not None:
+            transport, self._transport = self._transport, None
+            transport.stopProducing()
+        self._pending = []
+        if not self._io_busy:
+            self._cleanup()
+        self._notify()
+        waiters, self._finished = self._finished, []
+        for d in waiters:
+            d.errback(failure)
+
+    def _cleanup(self) -> None:
+        """Close and delete the temp file (never while the sink is in use)."""
+        self._io_busy = True
+        self._run_io(self._sink.close_thd).addBoth(lambda _: self._discard())
+
+
+class _BodyReceiver(Protocol):
+    def __init__(self, download: NarDownload) -> None:
+        self.download = download
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.download._connected(self.transport)  # type: ignore[arg-type]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.download._data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self.download._body_end(reason)

@@ -1,0 +1,31 @@
+"""Domain errors, mapped to HTTP statuses in exactly one place (``ncps.web``)."""
+
+from __future__ import annotations
+
+
+class NcpsError(Exception):
+    """Base class of every error ncps raises on purpose."""
+
+
+class NotFound(NcpsError):
+    """The object is not in the cache and no upstream gave a usable copy (404)."""
+
+
+class BadRequest(NcpsError):
+    """The request path or parameters are malformed (400)."""
+
+
+class UpstreamError(NcpsError):
+    """An upstream answered with an error, timed out or could not be reached."""
+
+
+class IntegrityError(NcpsError):
+    """Downloaded bytes do not match what the narinfo promised."""
+
+
+class ConfigError(NcpsError):
+    """A bad configuration; the message starts with the flag it is about."""
+
+
+class StartupError(NcpsError):
+    """Something the daemon needs at startup is missing or unusable."""

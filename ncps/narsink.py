@@ -1,0 +1,197 @@
+"""Thread-side sink for a NAR being downloaded: write, hash, decompress, verify.
+
+A :class:`NarSink` belongs to exactly one download and is only ever used by one
+pool thread at a time (the download hands it one batch of chunks after the
+other), so it needs no locks.  Every method here blocks.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import lzma
+import os
+from collections.abc import Iterable
+from typing import Protocol
+
+import attrs
+import zstandard
+
+from ncps.errors import IntegrityError
+from ncps.nixhash import NixHash
+
+# Compressions whose NarHash we can check while the bytes stream in.
+VERIFIABLE_COMPRESSIONS = frozenset({"none", "xz", "zstd", "bzip2"})
+_OUT_CHUNK = 1 << 20
+# zstd frames may ask for a window of at most this size (bounded memory).
+_ZSTD_MAX_WINDOW = 1 << 27
+
+
+@attrs.frozen
+class Expected:
+    """What a NAR must turn out to be, from its verified narinfo."""
+
+    compression: str
+    nar_hash: NixHash
+    nar_size: int
+    file_hash: NixHash | None = None
+    file_size: int | None = None
+
+
+class _Decoder(Protocol):
+    def feed(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+
+
+class _NarCounter:
+    """Hashes the uncompressed NAR and refuses to grow beyond NarSize."""
+
+    def __init__(self, expected: Expected) -> None:
+        self.hash = hashlib.new(expected.nar_hash.algorithm)
+        self.size = 0
+        self.limit = expected.nar_size
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise IntegrityError(
+                f"NAR is larger than its NarSize {self.limit}"
+            )
+        self.hash.update(data)
+        return len(data)
+
+
+class _Identity:
+    def __init__(self, out: _NarCounter) -> None:
+        self.out = out
+
+    def feed(self, data: bytes) -> None:
+        self.out.write(data)
+
+    def finish(self) -> None:
+        pass
+
+
+class _Stdlib:
+    """xz and bzip2, via decompressors that honour ``max_length``."""
+
+    def __init__(self, out: _NarCounter, make: type[lzma.LZMADecompressor] | type[bz2.BZ2Decompressor]) -> None:
+        self.out = out
+        self.make = make
+        self.dec: lzma.LZMADecompressor | bz2.BZ2Decompressor = make()
+
+    def feed(self, data: bytes) -> None:
+        while data or not self.dec.needs_input:
+            if self.dec.eof:
+                # Concatenated streams (as ``xz``/``bzip2`` produce) decode on.
+                data = self.dec.unused_data + data
+                if not data:
+                    return
+                self.dec = self.make()
+            self.out.write(self.dec.decompress(data, _OUT_CHUNK))
+            data = b""
+
+    def finish(self) -> None:
+        if not self.dec.eof:
+            raise IntegrityError("compressed NAR is truncated")
+
+
+class _Zstd:
+    def __init__(self, out: _NarCounter) -> None:
+        dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+        self.writer = dctx.stream_writer(out, write_size=_OUT_CHUNK, write_return_read=True)
+        self.fed = 0
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"zstd NAR does not decode: {e}") from None
+        self.fed += len(data)
+
+    def finish(self) -> None:
+        try:
+            self.writer.flush()
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"zstd NAR does not decode: {e}") from None
+
+
+class NarSink:
+    """Receives the compressed bytes of one NAR into a temp file and checks them.
+
+    ``write_thd`` appends a batch and returns how many bytes the file now holds;
+    ``finish_thd`` checks every size and hash, fsyncs and closes the file, and
+    raises :class:`IntegrityError` on any mismatch.
+    """
+
+    def __init__(self, fd: int, expected: Expected) -> None:
+        if expected.compression not in VERIFIABLE_COMPRESSIONS:
+            raise IntegrityError(
+                f"cannot verify NARs compressed with {expected.compression}"
+            )
+        self.fd = fd
+        self.expected = expected
+        self.file_size = 0
+        self.file_hash = hashlib.sha256()
+        self.nar = _NarCounter(expected)
+        self.decoder: _Decoder
+        if expected.compression == "none":
+            self.decoder = _Identity(self.nar)
+        elif expected.compression == "zstd":
+            self.decoder = _Zstd(self.nar)
+        else:
+            make = lzma.LZMADecompressor if expected.compression == "xz" else bz2.BZ2Decompressor
+            self.decoder = _Stdlib(self.nar, make)
+
+    def write_thd(self, chunks: Iterable[bytes]) -> int:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            self.file_size += len(chunk)
+            if self.expected.file_size is not None and self.file_size > self.expected.file_size:
+                raise IntegrityError(
+                    f"download is larger than its FileSize {self.expected.file_size}"
+                )
+            self.file_hash.update(chunk)
+            try:
+                self.decoder.feed(chunk)
+            except (lzma.LZMAError, OSError, EOFError) as e:
+                raise IntegrityError(f"compressed NAR does not decode: {e}") from None
+        return self.file_size
+
+    def finish_thd(self) -> int:
+        """Verify everything, fsync and close; return the file size."""
+        exp = self.expected
+        try:
+            self.decoder.finish()
+        except (lzma.LZMAError, OSError, EOFError) as e:
+            raise IntegrityError(f"compressed NAR does not decode: {e}") from None
+        if exp.file_size is not None and self.file_size != exp.file_size:
+            raise IntegrityError(
+                f"download is {self.file_size} bytes, FileSize says {exp.file_size}"
+            )
+        if exp.file_hash is not None and exp.file_hash.algorithm == "sha256":
+            got = NixHash("sha256", self.file_hash.digest())
+            if got != exp.file_hash:
+                raise IntegrityError(
+                    f"FileHash mismatch: expected {exp.file_hash}, got {got}"
+                )
+        if self.nar.size != exp.nar_size:
+            raise IntegrityError(
+                f"NAR is {self.nar.size} bytes, NarSize says {exp.nar_size}"
+            )
+        got_nar = NixHash(exp.nar_hash.algorithm, self.nar.hash.digest())
+        if got_nar != exp.nar_hash:
+            raise IntegrityError(
+                f"NarHash mismatch: expected {exp.nar_hash}, got {got_nar}"
+            )
+        os.fsync(self.fd)
+        self.close_thd()
+        return self.file_size
+
+    def close_thd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,154 @@
+"""The composition root: ``build_service(config, reactor)`` builds everything.
+
+Blocking startup work (creating directories, migrating the database, loading
+or creating the signing key) happens here, before anything listens: a failure
+raises :class:`~ncps.errors.StartupError` with one line naming the flag.
+
+Start order: thread pools, upstream health checks, the HTTP listener.  Stop
+order is the reverse and sequential: the listener first, pools last, the
+database engine disposed once its pool is idle.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from twisted.application import strports
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from ncps.cache import Cache
+from ncps.config import Config
+from ncps.db import engine as db_engine
+from ncps.db.queries import Database, get_config_thd, put_config_if_absent_thd
+from ncps.errors import StartupError
+from ncps.signing import KeyFormatError, SecretKey, TrustedKeys
+from ncps.storage.local import LocalStore
+from ncps.threads import Runner, ThreadPoolService
+from ncps.upstream import HEALTH_INTERVAL, UpstreamPool
+from ncps.web import CacheServer, QuietSite
+
+log = Logger()
+
+SECRET_KEY_CONFIG = "secret_key"
+
+
+class SequentialMultiService(MultiService):
+    """Stops children one after the other, in reverse start order, waiting for each."""
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        Service.stopService(self)
+
+        async def stop_all() -> None:
+            for child in reversed(list(self)):
+                await child.stopService()  # type: ignore[misc]
+
+        return ensureDeferred(stop_all())
+
+
+class _Hook(Service):
+    """Runs a callable when stopped (closing connection pools, engines)."""
+
+    def __init__(self, on_stop: Any) -> None:
+        self._on_stop = on_stop
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._on_stop()
+
+
+def load_signing_key_thd(db: Database, config: Config) -> SecretKey:
+    """The cache's key: from --cache-secret-key-path, else the database, else new."""
+    if config.secret_key_path is not None:
+        try:
+            return SecretKey.parse(config.secret_key_path.read_text())
+        except (OSError, UnicodeDecodeError, KeyFormatError) as e:
+            raise StartupError(
+                f"--cache-secret-key-path: {config.secret_key_path}: {e}"
+            ) from None
+    stored = db.call_thd(get_config_thd, SECRET_KEY_CONFIG)
+    if stored is None:
+        fresh = SecretKey.generate(config.hostname)
+        stored = db.call_thd(put_config_if_absent_thd, SECRET_KEY_CONFIG, fresh.to_text())
+        if stored == fresh.to_text():
+            log.info("generated signing key {name}", name=fresh.name)
+    try:
+        return SecretKey.parse(stored)
+    except KeyFormatError as e:
+        raise StartupError(f"--cache-database-url: stored signing key is invalid: {e}") from None
+
+
+def build_service(config: Config, reactor: Any) -> MultiService:
+    """Build the whole ncps service tree for ``config`` on ``reactor``."""
+    root = SequentialMultiService()
+
+    cpus = os.cpu_count() or 2
+    db_pool = ThreadPoolService("db", max_threads=4)
+    io_pool = ThreadPoolService("io", max_threads=max(4, cpus * 2))
+    db_pool.setServiceParent(root)
+    io_pool.setServiceParent(root)
+
+    store = LocalStore(config.storage_local, config.temp_path)
+    store.prepare_thd()
+
+    try:
+        engine = db_engine.open_engine(config.database_url)
+        before, after = db_engine.migrate(engine)
+    except SQLAlchemyError as e:
+        first = str(e).splitlines()[0]
+        raise StartupError(f"--cache-database-url: {first}") from None
+    if before != after:
+        log.info("database schema migrated from {before} to {after}",
+                 before=before or "empty", after=after)
+    db = Database(engine, Runner(reactor, db_pool.pool))
+    _Hook(lambda: engine.dispose()).setServiceParent(root)
+
+    key = load_signing_key_thd(db, config)
+    trusted = TrustedKeys(config.upstream_public_keys)
+    for shadowed in trusted.shadowed():
+        log.warn(
+            "--cache-upstream-public-key {key} can never match: a later key has "
+            "the same name", key=shadowed.to_text())
+    for pk in config.upstream_public_keys:
+        if pk.name == key.name:
+            log.warn(
+                "--cache-upstream-public-key {key} has this cache's own key name; "
+                "upstream signatures under that name are replaced by ours",
+                key=pk.to_text())
+
+    upstreams = UpstreamPool(
+        reactor,
+        config.upstream_urls,
+        dialer_timeout=config.dialer_timeout,
+        header_timeout=config.response_header_timeout,
+        netrc_file=config.netrc_file,
+    )
+    health = TimerService(HEALTH_INTERVAL, upstreams.check_all)
+    health.clock = reactor
+    health.setServiceParent(root)
+    _Hook(lambda: ensureDeferred(upstreams.close())).setServiceParent(root)
+
+    cache = Cache(
+        clock=reactor,
+        db=db,
+        store=store,
+        upstreams=upstreams,
+        trusted=trusted,
+        signer=key if config.sign_narinfo else None,
+        io=Runner(reactor, io_pool.pool),
+    )
+    server = CacheServer(
+        reactor, cache, config.hostname, key.public_key() if config.sign_narinfo else None
+    )
+    site = QuietSite(server.resource())
+    host = config.listen_host.replace(":", r"\:")
+    endpoint = f"tcp:{config.listen_port}" + (f":interface={host}" if host else "")
+    listener = strports.service(endpoint, site, reactor=reactor)
+    listener.setServiceParent(root)
+    log.info("ncps {hostname} will listen on {addr}", hostname=config.hostname,
+             addr=f"{config.listen_host}:{config.listen_port}")
+    return root

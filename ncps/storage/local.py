@@ -1,0 +1,123 @@
+"""NAR objects on the local filesystem.
+
+Layout (compatible with the Go ncps)::
+
+    <root>/store/nar/<k0>/<k0k1>/<key>.nar[.ext]    committed, verified objects
+    <root>/store/tmp/                                downloads in progress
+
+An object appears under ``store/nar`` only by an atomic rename of a whole,
+verified, fsynced temp file, so a crash never leaves a partial object visible.
+Every ``*_thd`` method blocks and runs on a pool thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ncps.errors import StartupError
+
+COMPRESSION_EXTENSIONS: dict[str, str] = {
+    "none": "",
+    "xz": ".xz",
+    "zstd": ".zst",
+    "bzip2": ".bz2",
+    "br": ".br",
+    "lz4": ".lz4",
+    "lzip": ".lzip",
+}
+EXTENSION_COMPRESSIONS = {ext: c for c, ext in COMPRESSION_EXTENSIONS.items()}
+
+
+def nar_file_name(nar_key: str, compression: str) -> str:
+    """``<key>.nar[.ext]``, the name used in URLs and on disk."""
+    return f"{nar_key}.nar{COMPRESSION_EXTENSIONS[compression]}"
+
+
+class LocalStore:
+    """The NAR store on a local directory tree."""
+
+    def __init__(self, root: Path, temp_dir: Path) -> None:
+        self.root = root
+        self.nar_root = root / "store" / "nar"
+        self.staging = root / "store" / "tmp"
+        self.temp_dir = temp_dir
+
+    def prepare_thd(self) -> None:
+        """Create the directories and prove they are writable (at startup)."""
+        for flag, directory in (
+            ("--cache-storage-local", self.nar_root),
+            ("--cache-storage-local", self.staging),
+            ("--cache-temp-path", self.temp_dir),
+        ):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise StartupError(
+                    f"{flag}: {directory} is not writable: {e.strerror}"
+                ) from None
+
+    def nar_path(self, nar_key: str, compression: str) -> Path:
+        """Where the committed object lives (whether or not it exists)."""
+        return (
+            self.nar_root
+            / nar_key[0]
+            / nar_key[:2]
+            / nar_file_name(nar_key, compression)
+        )
+
+    def new_temp_file_thd(self, nar_key: str) -> tuple[int, Path]:
+        """A fresh, exclusively created temp file: (fd, path)."""
+        fd, path = tempfile.mkstemp(prefix=f"{nar_key}-", suffix=".part", dir=self.temp_dir)
+        return fd, Path(path)
+
+    def size_thd(self, nar_key: str, compression: str) -> int | None:
+        """Size of the committed object, or None if it is not there."""
+        try:
+            return self.nar_path(nar_key, compression).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def commit_thd(self, temp_path: Path, nar_key: str, compression: str) -> Path:
+        """Atomically move a whole, verified, fsynced temp file into place."""
+        final = self.nar_path(nar_key, compression)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(temp_path, 0o444)
+        try:
+            os.replace(temp_path, final)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            # The temp dir is on another file system: copy into our own
+            # staging dir first so the final step is still a rename.
+            fd, staged = tempfile.mkstemp(prefix=f"{nar_key}-", dir=self.staging)
+            with os.fdopen(fd, "wb") as out, open(temp_path, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(staged, 0o444)
+            os.replace(staged, final)
+            os.unlink(temp_path)
+        _fsync_dir(final.parent)
+        return final
+
+    def discard_thd(self, temp_path: Path) -> None:
+        """Remove a temp file that will never be committed."""
+        try:
+            os.unlink(temp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

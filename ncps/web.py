@@ -1,0 +1,189 @@
+"""The HTTP surface (Klein): thin handlers that validate, call the cache, shape.
+
+Every request path is checked against a strict allow-list before routing, so
+nothing malformed (percent-escapes, ``..``, odd bytes, oversized) reaches the
+cache, the database, the storage or an upstream.  Domain errors are mapped to
+statuses here and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from zope.interface import implementer
+
+from ncps.cache import Cache, NarBody
+from ncps.errors import NotFound, UpstreamError
+from ncps.signing import PublicKey
+from ncps.storage.local import EXTENSION_COMPRESSIONS
+from ncps.streaming import FileStreamer
+
+log = Logger()
+
+MAX_URI = 512
+# Everything a Nix client sends: plain path characters and an optional query.
+SAFE_URI = re.compile(rb"^/[A-Za-z0-9._/-]*(\?[A-Za-z0-9._=&-]*)?$")
+NARINFO_NAME = re.compile(r"^([0-9a-df-np-sv-z]{32})\.narinfo$")
+NAR_NAME = re.compile(r"^([0-9a-df-np-sv-z]{52}|[0-9a-f]{64})\.nar(\.[a-z0-9]+)?$")
+
+NARINFO_TYPE = b"text/x-nix-narinfo"
+NAR_TYPE = b"application/x-nix-nar"
+CACHE_INFO = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
+
+
+class BadRequest(Exception):
+    """A request that is malformed; answered with 400 and its message."""
+
+
+class CacheServer:
+    """Routes of the binary-cache protocol over a :class:`Cache`."""
+
+    app = Klein()
+
+    def __init__(
+        self, clock: IReactorTime, cache: Cache, hostname: str, public_key: PublicKey | None
+    ) -> None:
+        self._clock = clock
+        self._cache = cache
+        self._hostname = hostname
+        self._public_key = public_key
+
+    def resource(self) -> IResource:
+        return GuardResource(self.app.resource())
+
+    @app.route("/", methods=["GET"])
+    def index(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        body = {
+            "hostname": self._hostname,
+            "publicKey": self._public_key.to_text() if self._public_key else "",
+        }
+        return (json.dumps(body) + "\n").encode()
+
+    @app.route("/nix-cache-info", methods=["GET", "HEAD"])
+    def cache_info(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/x-nix-cache-info")
+        return CACHE_INFO
+
+    @app.route("/pubkey", methods=["GET"])
+    def pubkey(self, request: IRequest) -> bytes:
+        if self._public_key is None:
+            raise NotFound("narinfo signing is off")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return self._public_key.to_text().encode()
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+    @app.route("/<string:name>", methods=["GET", "HEAD"])
+    async def narinfo(self, request: IRequest, name: str) -> bytes:
+        match = NARINFO_NAME.match(name)
+        if match is None:
+            if name.endswith(".narinfo"):
+                raise BadRequest("malformed narinfo name")
+            raise NotFound(name)
+        record = await self._cache.narinfo(match.group(1))
+        body = self._cache.render(record)
+        request.setHeader(b"Content-Type", NARINFO_TYPE)
+        request.setHeader(b"Content-Length", b"%d" % len(body))
+        return body
+
+    @app.route("/nar/<string:name>", methods=["GET", "HEAD"])
+    async def nar(self, request: IRequest, name: str) -> Any:
+        match = NAR_NAME.match(name)
+        if match is None:
+            raise BadRequest("malformed NAR name")
+        ext = match.group(2) or ""
+        compression = EXTENSION_COMPRESSIONS.get(ext)
+        if compression is None:
+            raise BadRequest("file extension is not known")
+        nar_key = match.group(1)
+        if request.method == b"HEAD":
+            length = await self._cache.nar_length(nar_key, compression)
+            request.setHeader(b"Content-Type", NAR_TYPE)
+            if length is not None:
+                request.setHeader(b"Content-Length", b"%d" % length)
+            return b""
+        body = await self._cache.nar(nar_key, compression)
+        return NarResource(self._clock, body)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"Not Found\n"
+
+    @app.handle_errors(BadRequest)
+    def bad_request(self, request: IRequest, failure: Failure) -> bytes:
+        request.setResponseCode(400)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return failure.getErrorMessage().encode() + b"\n"
+
+    @app.handle_errors(UpstreamError)
+    def upstream_error(self, request: IRequest, failure: Failure) -> bytes:
+        log.warn("{method} {uri}: {why}", method=request.method, uri=request.uri,
+                 why=failure.getErrorMessage())
+        request.setResponseCode(502)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"Bad Gateway\n"
+
+
+@implementer(IResource)
+class NarResource(Resource):
+    """Sends one opened NAR body, streaming it from its file descriptor."""
+
+    isLeaf = True
+
+    def __init__(self, clock: IReactorTime, body: NarBody) -> None:
+        super().__init__()
+        self._clock = clock
+        self._body = body
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.setHeader(b"Content-Type", NAR_TYPE)
+        if self._body.size is not None:
+            request.setHeader(b"Content-Length", b"%d" % self._body.size)
+        FileStreamer(
+            self._clock, request, self._body.fd, self._body.size, self._body.download
+        ).start()
+        return server.NOT_DONE_YET
+
+
+@implementer(IResource)
+class GuardResource(Resource):
+    """Refuses malformed request targets before anything routes them."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def render(self, request: server.Request) -> Any:
+        uri = request.uri
+        if len(uri) > MAX_URI:
+            request.setResponseCode(414)
+            return b"URI Too Long\n"
+        if SAFE_URI.match(uri) is None or b"/." in uri or b"//" in uri:
+            request.setResponseCode(400)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"malformed request path\n"
+        return self._inner.render(request)
+
+
+class QuietSite(server.Site):
+    """A Site without the per-request access log (it costs more than a hit)."""
+
+    def log(self, request: Any) -> None:
+        pass
