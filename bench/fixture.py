@@ -76,6 +76,7 @@ def build(scratch: Path, log) -> dict:
         d.mkdir(parents=True)
     env = NixEnv(out / "nix-env")
     timings: dict[str, float] = {}
+    started = time.monotonic()
 
     t = time.monotonic()
     blobs = {"bench-blob-a.bin": 96_000_000, "bench-blob-b.bin": 32_000_000}
@@ -199,7 +200,7 @@ in {{
         "closure_file_bytes": sum(p["FileSize"] for p in closure),
         "huge": {"path": huge, **narinfo_fields(cache, huge)},
         "build_timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "build_total_s": round(sum(timings.values()), 2),
+        "build_total_s": round(time.monotonic() - started, 2),
     }
     meta_file.write_text(json.dumps(meta, indent=2))
     meta["reused"] = False
