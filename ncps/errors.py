@@ -29,3 +29,12 @@ class ConfigError(NcpsError):
 
 class StartupError(NcpsError):
     """Something the daemon needs at startup is missing or unusable."""
+
+
+def exit_on_startup_error(message: str) -> None:
+    """Stop a starting daemon with one line on stderr and a non-zero status."""
+    import sys
+
+    sys.stderr.write(f"ncps: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(78)

@@ -19,13 +19,14 @@ from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from ncps.cache import Cache
 from ncps.config import Config
 from ncps.db import engine as db_engine
 from ncps.db.queries import Database, get_config_thd, put_config_if_absent_thd
-from ncps.errors import StartupError
+from ncps.errors import StartupError, exit_on_startup_error
 from ncps.signing import KeyFormatError, SecretKey, TrustedKeys
 from ncps.storage.local import LocalStore
 from ncps.threads import Runner, ThreadPoolService
@@ -48,6 +49,26 @@ class SequentialMultiService(MultiService):
                 await child.stopService()  # type: ignore[misc]
 
         return ensureDeferred(stop_all())
+
+
+class ListenerService(Service):
+    """The HTTP listener; a failure to bind stops startup with one line."""
+
+    def __init__(self, inner: Service, addr: str) -> None:
+        self._inner = inner
+        self._addr = addr
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self._inner.startService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            exit_on_startup_error(f"--server-addr: cannot listen on {self._addr}: {reason}")
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._inner.stopService()
 
 
 class _Hook(Service):
@@ -147,7 +168,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     site = QuietSite(server.resource())
     host = config.listen_host.replace(":", r"\:")
     endpoint = f"tcp:{config.listen_port}" + (f":interface={host}" if host else "")
-    listener = strports.service(endpoint, site, reactor=reactor)
+    addr = f"{config.listen_host}:{config.listen_port}"
+    listener = ListenerService(strports.service(endpoint, site, reactor=reactor), addr)
     listener.setServiceParent(root)
     log.info("ncps {hostname} will listen on {addr}", hostname=config.hostname,
              addr=f"{config.listen_host}:{config.listen_port}")

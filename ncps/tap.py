@@ -5,22 +5,15 @@ The only module that touches the global reactor.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
 from ncps.config import SETTINGS, Config, environment, load_config
-from ncps.errors import ConfigError, StartupError
+from ncps.errors import ConfigError, StartupError, exit_on_startup_error
 
-EX_CONFIG = 78
-
-
-def _fail(message: str) -> None:
-    sys.stderr.write(f"ncps: {message}\n")
-    sys.stderr.flush()
-    raise SystemExit(EX_CONFIG)
+_fail = exit_on_startup_error
 
 
 class Options(usage.Options):
