@@ -18,6 +18,6 @@ if [ ! -e "$ncps_stamp" ] || [ "$ncps_root/pyproject.toml" -nt "$ncps_stamp" ]; 
   spec="$ncps_root"; [ -n "${NCPS_EXTRAS:-}" ] && spec="$ncps_root[$NCPS_EXTRAS]"
   "$ncps_venv/bin/python" -m pip install -q --upgrade pip >/dev/null
   # compat mode puts the checkout on sys.path, where Twisted looks for dropins
-  "$ncps_venv/bin/python" -m pip install -q -e "$spec" --config-settings editable_mode=compat 2>/dev/null
+  "$ncps_venv/bin/python" -m pip install -q -e "$spec" --config-settings editable_mode=compat
   touch "$ncps_stamp"
 fi
