@@ -20,6 +20,8 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from ncps.logs import ncps_observer
 from twisted.python.failure import Failure
 
 from ncps import narinfo as narinfo_mod
@@ -35,7 +37,7 @@ from ncps.storage.local import LocalStore, nar_file_name
 from ncps.threads import Runner
 from ncps.upstream import UpstreamPool, resolve_nar_url
 
-log = Logger()
+log = Logger(observer=ncps_observer)
 
 
 class Rejected(Exception):

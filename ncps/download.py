@@ -28,6 +28,8 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+
+from ncps.logs import ncps_observer
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -35,7 +37,7 @@ from twisted.web.http import PotentialDataLoss
 from ncps.errors import IntegrityError, UpstreamError
 from ncps.narsink import NarSink
 
-log = Logger()
+log = Logger(observer=ncps_observer)
 
 # Pause the upstream when this much is waiting for the io pool.
 HIGH_WATER = 8 << 20

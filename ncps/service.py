@@ -22,6 +22,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from ncps.logs import ncps_observer
+
 from ncps.cache import Cache
 from ncps.config import Config
 from ncps.db import engine as db_engine
@@ -33,7 +35,7 @@ from ncps.threads import Runner, ThreadPoolService
 from ncps.upstream import HEALTH_INTERVAL, UpstreamPool
 from ncps.web import CacheServer, QuietSite
 
-log = Logger()
+log = Logger(observer=ncps_observer)
 
 SECRET_KEY_CONFIG = "secret_key"
 

@@ -18,13 +18,15 @@ import os
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from ncps.logs import ncps_observer
 from twisted.web.server import Request
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from ncps.download import NarDownload
 
-log = Logger()
+log = Logger(observer=ncps_observer)
 
 CHUNK = 256 * 1024
 # Yield to the reactor after this much in one go, so one fast client cannot

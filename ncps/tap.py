@@ -11,6 +11,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from ncps.config import SETTINGS, Config, environment, load_config
+from ncps.logs import set_level
 from ncps.errors import ConfigError, StartupError, exit_on_startup_error
 
 _fail = exit_on_startup_error
@@ -66,6 +67,7 @@ def makeService(options: Options) -> IService:
     from ncps.service import build_service
 
     assert options.config is not None
+    set_level(options.config.log_level)
     try:
         return build_service(options.config, reactor)
     except StartupError as e:

@@ -26,12 +26,14 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from ncps.logs import ncps_observer
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IResponse
 
 from ncps.errors import NotFound, UpstreamError
 
-log = Logger()
+log = Logger(observer=ncps_observer)
 
 DEFAULT_PRIORITY = 40
 NARINFO_MAX_BYTES = 1 << 20

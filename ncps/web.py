@@ -15,6 +15,8 @@ from typing import Any
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from ncps.logs import ncps_observer
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.iweb import IRequest
@@ -27,7 +29,7 @@ from ncps.signing import PublicKey
 from ncps.storage.local import EXTENSION_COMPRESSIONS
 from ncps.streaming import FileStreamer
 
-log = Logger()
+log = Logger(observer=ncps_observer)
 
 MAX_URI = 512
 # Everything a Nix client sends: plain path characters and an optional query.
@@ -184,6 +186,8 @@ class GuardResource(Resource):
 
 class QuietSite(server.Site):
     """A Site without the per-request access log (it costs more than a hit)."""
+
+    noisy = False
 
     def log(self, request: Any) -> None:
         pass
