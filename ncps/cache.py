@@ -156,19 +156,15 @@ class Cache:
         """
         try:
             ni = narinfo_mod.parse(text)
+            narinfo_mod.check_consistency(ni)
         except NarInfoError as e:
-            raise Rejected(f"does not parse: {e}") from None
+            raise Rejected(str(e)) from None
         if ni.hash_part != hash_part:
             raise Rejected(f"StorePath {ni.store_path} does not match {hash_part}")
         if not self._trusted.verify_narinfo(ni):
             raise Rejected("no signature by a trusted upstream key")
         if ni.compression not in VERIFIABLE_COMPRESSIONS:
             raise Rejected(f"Compression {ni.compression} cannot be verified")
-        if ni.compression == "none":
-            if ni.file_size is not None and ni.file_size != ni.nar_size:
-                raise Rejected("FileSize differs from NarSize for an uncompressed NAR")
-            if ni.file_hash is not None and ni.file_hash != ni.nar_hash:
-                raise Rejected("FileHash differs from NarHash for an uncompressed NAR")
         try:
             upstream_url = resolve_nar_url(base_url, ni.url)
         except UpstreamError as e:
