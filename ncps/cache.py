@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ from ncps.threads import Runner
 from ncps.upstream import UpstreamPool, resolve_nar_url
 
 log = Logger(observer=ncps_observer)
+
+# How many signed narinfo texts to keep in memory (about 1 KiB each).
+RENDERED_NARINFOS = 20_000
 
 
 class Rejected(Exception):
@@ -95,8 +99,34 @@ class Cache:
         self._narinfo_fetches: Coalescer[NarInfoRecord] = Coalescer()
         self._download_starts: Coalescer[NarDownload] = Coalescer()
         self._downloads: dict[tuple[str, str], NarDownload] = {}
+        # hash -> (signed narinfo text, clock time the next access is recorded)
+        self._rendered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
 
     # -- narinfo -------------------------------------------------------------------
+
+    async def narinfo_text(self, hash_part: str) -> bytes:
+        """The narinfo we serve for ``hash_part``; raises :class:`NotFound`.
+
+        Recently served narinfos are answered from memory: a stored narinfo
+        never changes (first writer wins), so only eviction or deletion,
+        which go through this object, could make an entry stale.
+        """
+        hit = self._rendered.get(hash_part)
+        now = self._clock.seconds()
+        if hit is not None:
+            body, touch_due = hit
+            self._rendered.move_to_end(hash_part)
+            if now >= touch_due:
+                self._rendered[hash_part] = (body, now + TOUCH_INTERVAL.total_seconds())
+                d = self._db.touch_narinfo(hash_part)
+                d.addErrback(lambda f: log.failure("recording access", f))
+            return body
+        record = await self.narinfo(hash_part)
+        body = self.render(record)
+        self._rendered[hash_part] = (body, now + TOUCH_INTERVAL.total_seconds())
+        if len(self._rendered) > RENDERED_NARINFOS:
+            self._rendered.popitem(last=False)
+        return body
 
     def render(self, record: NarInfoRecord) -> bytes:
         """The narinfo text we serve, signed with our key if signing is on."""
