@@ -24,7 +24,7 @@ from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from ncps.cache import Cache, NarBody
-from ncps.errors import NotFound, UpstreamError
+from ncps.errors import IntegrityError, NotFound, UpstreamError
 from ncps.signing import PublicKey
 from ncps.storage.local import EXTENSION_COMPRESSIONS
 from ncps.streaming import FileStreamer
@@ -95,8 +95,7 @@ class CacheServer:
             if name.endswith(".narinfo"):
                 raise BadRequest("malformed narinfo name")
             raise NotFound(name)
-        record = await self._cache.narinfo(match.group(1))
-        body = self._cache.render(record)
+        body = await self._cache.narinfo_text(match.group(1))
         request.setHeader(b"Content-Type", NARINFO_TYPE)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         return body
@@ -132,7 +131,8 @@ class CacheServer:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return failure.getErrorMessage().encode() + b"\n"
 
-    @app.handle_errors(UpstreamError)
+    # IntegrityError: the download a request waited for delivered bad bytes.
+    @app.handle_errors(UpstreamError, IntegrityError)
     def upstream_error(self, request: IRequest, failure: Failure) -> bytes:
         log.warn("{method} {uri}: {why}", method=request.method, uri=request.uri,
                  why=failure.getErrorMessage())
