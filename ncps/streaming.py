@@ -6,7 +6,7 @@ more; when it has caught up with a download in flight it waits for the
 download to announce more readable bytes.  It owns its file descriptor and
 closes it however the response ends.
 
-Reads are of page-cached bytes just written or recently served, in 256 KiB
+Reads are of page-cached bytes just written or recently served, in 512 KiB
 pieces, and are done on the reactor thread, as ``twisted.web.static`` does; a
 round trip through a pool per piece would cost more than the read.
 """
@@ -28,7 +28,7 @@ from ncps.download import NarDownload
 
 log = Logger(observer=ncps_observer)
 
-CHUNK = 256 * 1024
+CHUNK = 512 * 1024
 # Yield to the reactor after this much in one go, so one fast client cannot
 # starve the others.
 BURST = 4 << 20
@@ -77,8 +77,10 @@ class FileStreamer:
         self._paused = True
 
     def resumeProducing(self) -> None:
+        # Called by the transport when its buffer drained: refill it at once.
         self._paused = False
-        self._wake()
+        if not self._stopped and not self._scheduled:
+            self._pump()
 
     def stopProducing(self) -> None:
         self._close()
