@@ -1,0 +1,422 @@
+"""Process-level helpers for the e2e suite: upstream server, ncps daemon, HTTP.
+
+Nothing here starts anything by itself; ``conftest.py`` wires these into fixtures that
+also clean up. Every wait is a poll with a deadline; no sleep is synchronisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from e2e_nix import compression_of_file, decode_nar, parse_narinfo
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent.parent
+UPSTREAM_SCRIPT = HERE / "upstream.py"
+PROXY_HOSTNAME = "ncps-e2e"
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05
+) -> object:
+    """Poll ``predicate`` until it returns something truthy, or fail at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf`` that also works without root on Nix's read-only store directories."""
+    if not path.exists():
+        return
+    for dirpath, _, _ in os.walk(path):  # does not follow symlinks
+        os.chmod(dirpath, 0o755)
+    shutil.rmtree(path)
+
+
+def tail(path: Path, lines: int = 80) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"<{path} does not exist>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+def http_request(
+    port: int, path: str, method: str = "GET", timeout: float = 30
+) -> Response:
+    """One request on a fresh connection; ``path`` is sent verbatim."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = resp.read()
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+    finally:
+        conn.close()
+
+
+class StreamingGet:
+    """A GET whose body the test reads piecewise, and may abandon halfway."""
+
+    def __init__(self, port: int, path: str, timeout: float = 30) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.conn.putrequest("GET", path, skip_accept_encoding=True)
+        self.conn.endheaders()
+        self.response = self.conn.getresponse()
+        self.received = bytearray()
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    def read_at_least(self, n: int) -> None:
+        while len(self.received) < n:
+            chunk = self.response.read1(65536)
+            if not chunk:
+                raise AssertionError(
+                    f"body ended after {len(self.received)} bytes, wanted {n}"
+                )
+            self.received += chunk
+
+    def read_all(self) -> bytes:
+        """Read to the end; raises if the server aborts the connection early."""
+        self.received += self.response.read()
+        return bytes(self.received)
+
+    def abandon(self) -> None:
+        """Disconnect abruptly (RST), as a client killed mid-download would."""
+        sock = self.conn.sock
+        if sock is not None:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        self.conn.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# --------------------------------------------------------------------------- upstream
+
+
+class UpstreamServer:
+    """``upstream.py`` in a subprocess; its request log is shared across restarts."""
+
+    def __init__(self, workdir: Path, cache_dir: Path, throttle_bps: int = 0) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.cache_dir = cache_dir
+        self.throttle_bps = throttle_bps
+        self.port = 0
+        self.log_path = workdir / "requests.jsonl"
+        self.stderr_path = workdir / "upstream.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10) -> UpstreamServer:
+        assert self.proc is None, "already running"
+        port_file = self.workdir / "port"
+        port_file.unlink(missing_ok=True)
+        cmd = [
+            sys.executable, str(UPSTREAM_SCRIPT), "--dir", str(self.cache_dir),
+            "--port", str(self.port), "--port-file", str(port_file),
+            "--log", str(self.log_path), "--throttle-bps", str(self.throttle_bps),
+        ]  # fmt: skip
+        with self.stderr_path.open("ab") as err:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err
+            )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"upstream exited with {self.proc.returncode}:\n"
+                    + tail(self.stderr_path)
+                )
+            return port_file.exists()
+
+        wait_until(ready, timeout, "the upstream server to listen")
+        self.port = int(port_file.read_text())
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(
+        self, cache_dir: Path | None = None, throttle_bps: int | None = None
+    ) -> None:
+        """Stop, then serve ``cache_dir`` (default: the same one) on the same port."""
+        self.stop()
+        if cache_dir is not None:
+            self.cache_dir = cache_dir
+        if throttle_bps is not None:
+            self.throttle_bps = throttle_bps
+        self.start()
+
+    def records(self, event: str = "request") -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record["event"] == event:
+                    out.append(record)
+        return out
+
+    def request_paths(self, method: str = "GET") -> list[str]:
+        return [r["path"] for r in self.records() if r["method"] == method]
+
+    def count(self, path: str, method: str = "GET") -> int:
+        """How many ``method`` requests for ``path`` (``/``-prefixed) arrived so far."""
+        return self.request_paths(method).count(path)
+
+
+# --------------------------------------------------------------------------- ncps
+
+
+def daemon_command() -> list[str]:
+    """How to start the daemon: ``python -m twisted ncps`` from the repo root.
+
+    ``NCPS_E2E_DAEMON`` (a shell-style command line) replaces that prefix, e.g. to run
+    the suite against an installed build; the flags appended after it stay the same.
+    """
+    override = os.environ.get("NCPS_E2E_DAEMON", "").strip()
+    return (
+        shlex.split(override) if override else [sys.executable, "-m", "twisted", "ncps"]
+    )
+
+
+class Ncps:
+    """The ncps daemon (``python -m twisted ncps``) in a subprocess."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        storage: Path,
+        upstream_urls: Sequence[str],
+        upstream_keys: Sequence[str],
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.storage = storage
+        self.upstream_urls = list(upstream_urls)
+        self.upstream_keys = list(upstream_keys)
+        self.extra_args = list(extra_args)
+        self.port = 0
+        self.log_path = workdir / "ncps.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            *daemon_command(),
+            f"--cache-hostname={PROXY_HOSTNAME}",
+            f"--cache-storage-local={self.storage}",
+            f"--server-addr=127.0.0.1:{self.port}",
+            "--cache-upstream-response-header-timeout=3s",
+            "--cache-upstream-dialer-timeout=3s",
+            "--log-level=debug",
+        ]  # fmt: skip
+        cmd += [f"--cache-upstream-url={u}" for u in self.upstream_urls]
+        cmd += [f"--cache-upstream-public-key={k}" for k in self.upstream_keys]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 30) -> Ncps:
+        """Start, wait for ``/healthz`` to be 200. Keeps the port across restarts."""
+        assert self.proc is None, "already running"
+        if not self.port:
+            self.port = free_port()
+        self.starts += 1
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== e2e: start #{self.starts}: {self.command()}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command(), cwd=REPO_ROOT, env=env,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+        def healthy() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"ncps exited with {self.proc.returncode} during startup "
+                    f"(log: {self.log_path}, its tail is attached to the report)"
+                )
+            try:
+                return http_request(self.port, "/healthz", timeout=2).status == 200
+            except OSError:
+                return False
+
+        try:
+            wait_until(
+                healthy, timeout, f"ncps /healthz on port {self.port}", interval=0.1
+            )
+        except AssertionError:
+            self.kill()
+            raise
+        return self
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM and wait; returns the exit status (SIGKILLs and fails on a hang)."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+                raise AssertionError(
+                    f"ncps did not exit within {timeout}s of SIGTERM "
+                    f"(log: {self.log_path})"
+                ) from None
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+    def restart(self) -> Ncps:
+        self.stop()
+        return self.start()
+
+    # ---- HTTP
+    def get(self, path: str, method: str = "GET", timeout: float = 30) -> Response:
+        return http_request(self.port, path, method=method, timeout=timeout)
+
+    def pubkey(self) -> str:
+        resp = self.get("/pubkey")
+        assert resp.status == 200, f"/pubkey: {resp.status} {resp.text!r}"
+        return resp.text
+
+    def narinfo(self, hash_part: str) -> dict[str, object]:
+        resp = self.get(f"/{hash_part}.narinfo")
+        assert resp.status == 200, f"narinfo {hash_part}: {resp.status} {resp.text!r}"
+        return parse_narinfo(resp.text)
+
+    # ---- what landed on disk
+    @property
+    def db_path(self) -> Path:
+        return self.storage / "db" / "ncps.sqlite3"
+
+    def db_rows(self, table: str) -> list[dict]:
+        """All rows of ``table`` in the default SQLite database (opened read-only)."""
+        assert self.db_path.exists(), f"no database at {self.db_path}"
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
+        try:
+            conn.row_factory = sqlite3.Row
+            return [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
+        finally:
+            conn.close()
+
+    def nar_files(self) -> list[Path]:
+        """Committed NAR objects (files under ``<storage>/store/nar``)."""
+        root = self.storage / "store" / "nar"
+        return (
+            sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+        )
+
+    def log_tail(self, lines: int = 80) -> str:
+        return tail(self.log_path, lines)
+
+
+# --------------------------------------------------------------------------- assertions
+
+
+def committed_nar_digests(daemon: Ncps) -> dict[Path, str]:
+    """SHA-256 (hex) of the NAR inside every committed object, decompressed by its name.
+
+    An object that does not even decompress maps to ``"undecodable: <error>"``.
+    """
+    digests = {}
+    for path in daemon.nar_files():
+        try:
+            nar = decode_nar(path.read_bytes(), compression_of_file(path))
+        except Exception as e:  # a truncated xz/zstd stream, say
+            digests[path] = f"undecodable: {e!r}"
+        else:
+            digests[path] = hashlib.sha256(nar).hexdigest()
+    return digests
+
+
+def wait_for_committed_nar(daemon: Ncps, nar_sha256: str, timeout: float = 30) -> Path:
+    """Poll until an object holding the NAR with this digest is committed; return it."""
+
+    def find() -> Path | None:
+        for path, digest in committed_nar_digests(daemon).items():
+            if digest == nar_sha256:
+                return path
+        return None
+
+    found = wait_until(
+        find, timeout, f"NAR {nar_sha256[:12]} under {daemon.storage}", 0.2
+    )
+    assert isinstance(found, Path)
+    return found
