@@ -86,7 +86,8 @@ class NarDownload:
         self._transport: IPushProducer | None = None
         self._idle: IDelayedCall | None = None
         self.written = 0
-        self.verified = False
+        self.verified = False  # every byte checked: clients may have all of it
+        self.committed = False  # durable in the store and recorded
         self.failure: Failure | None = None
         self._listeners: set[Listener] = set()
         self._finished: list[Deferred[None]] = []
@@ -95,7 +96,7 @@ class NarDownload:
 
     @property
     def done(self) -> bool:
-        return self.verified or self.failure is not None
+        return self.committed or self.failure is not None
 
     @property
     def readable(self) -> int:
@@ -131,7 +132,7 @@ class NarDownload:
         Cancelling it detaches only that caller; the download goes on.
         """
         d: Deferred[None] = Deferred(lambda d: self._finished.remove(d))
-        if self.verified:
+        if self.committed:
             d.callback(None)
         elif self.failure is not None:
             d.errback(self.failure)
@@ -215,6 +216,8 @@ class NarDownload:
         elif self._body_done:
             self._io_busy = True
             d = self._run_io(self._sink.finish_thd)
+            d.addCallback(self._verified)
+            d.addCallback(lambda _: self._run_io(self._sink.sync_thd))
             d.addCallback(lambda _: self._commit())
             d.addCallbacks(self._committed, self._io_failed)
 
@@ -231,17 +234,23 @@ class NarDownload:
         self._io_busy = False
         self._fail(failure)
 
+    def _verified(self, size: int) -> None:
+        # Release the held-back byte now: the clients need not wait for the
+        # fsync and the rename, only the database row does.
+        self.written = size
+        self.verified = True
+        self._notify()
+
     def _committed(self, _: object) -> None:
         self._io_busy = False
-        self.verified = True
+        self.committed = True
         self._close_reader()
-        self._notify()
         waiters, self._finished = self._finished, []
         for d in waiters:
             d.callback(None)
 
     def _fail(self, failure: Failure) -> None:
-        if self.failure is not None or self.verified:
+        if self.failure is not None or self.committed:
             return
         self.failure = failure
         self._close_reader()

@@ -168,7 +168,7 @@ class NarSink:
         return self.file_size
 
     def finish_thd(self) -> int:
-        """Verify everything, fsync and close; return the file size."""
+        """Verify every size and hash; return the file size (see :meth:`sync_thd`)."""
         exp = self.expected
         try:
             self.decoder.finish()
@@ -197,9 +197,12 @@ class NarSink:
             raise IntegrityError(
                 f"NarHash mismatch: expected {exp.nar_hash}, got {got_nar}"
             )
+        return self.file_size
+
+    def sync_thd(self) -> None:
+        """Make the verified bytes durable and close the file."""
         os.fsync(self.fd)
         self.close_thd()
-        return self.file_size
 
     def close_thd(self) -> None:
         if self.fd >= 0:

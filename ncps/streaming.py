@@ -101,7 +101,8 @@ class FileStreamer:
         self._scheduled = False
         sent = 0
         while not self._paused and not self._stopped:
-            if self._download is not None and self._download.failure is not None:
+            download = self._download
+            if download is not None and download.failure is not None and not download.verified:
                 self._abort()
                 return
             limit, final = self._limit()
