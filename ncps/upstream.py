@@ -245,9 +245,15 @@ class UpstreamPool:
 
 def _describe(e: BaseException) -> str:
     from twisted.internet.defer import CancelledError, TimeoutError
+    from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
     if isinstance(e, CancelledError | TimeoutError):
         return "timed out"
+    if isinstance(e, ResponseNeverReceived | ResponseFailed) and e.reasons:
+        # Agent wraps the cancellation done by addTimeout in these.
+        if any(r.check(CancelledError, TimeoutError) for r in e.reasons):
+            return "timed out"
+        return _describe(e.reasons[0].value)
     text = str(e) or type(e).__name__
     return text.splitlines()[0][:200]
 

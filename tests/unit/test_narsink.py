@@ -1,0 +1,257 @@
+"""ncps.narsink: streaming verification of NAR files in every verifiable compression."""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import lzma
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+import zstandard
+
+from ncps.errors import IntegrityError
+from ncps.narsink import Expected, NarSink
+from ncps.testing import compress, random_nar, sha256
+
+COMPRESSIONS = ["none", "xz", "zstd", "bzip2"]
+
+
+def expected_for(
+    nar: bytes, file: bytes, compression: str, **changes: object
+) -> Expected:
+    exp = Expected(
+        compression=compression,
+        nar_hash=sha256(nar),
+        nar_size=len(nar),
+        file_hash=sha256(file),
+        file_size=len(file),
+    )
+    return attrs.evolve(exp, **changes)
+
+
+def pieces(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+@pytest.fixture
+def sink_file(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    path = tmp_path / "nar.part"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    yield path, fd
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # the sink closed it
+
+
+def feed(sink: NarSink, data: bytes, piece: int = 7919, batch: int = 3) -> None:
+    """Feed in odd-sized pieces, several per batch, as the download does."""
+    chunks = list(pieces(data, piece))
+    for i in range(0, len(chunks), batch):
+        sink.write_thd(chunks[i : i + batch])
+
+
+def verify(fd: int, file: bytes, expected: Expected) -> int:
+    sink = NarSink(fd, expected)
+    feed(sink, file)
+    return sink.finish_thd()
+
+
+NAR = random_nar(60_000, seed=1)
+
+
+@functools.cache
+def compressed(compression: str) -> bytes:
+    return compress(NAR, compression)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_good_file_verifies_and_is_written_whole(
+    sink_file: tuple[Path, int], compression: str
+) -> None:
+    path, fd = sink_file
+    file = compressed(compression)
+    assert verify(fd, file, expected_for(NAR, file, compression)) == len(file)
+    assert path.read_bytes() == file
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_verifies_without_file_fields(
+    sink_file: tuple[Path, int], compression: str
+) -> None:
+    _, fd = sink_file
+    file = compressed(compression)
+    exp = expected_for(NAR, file, compression, file_hash=None, file_size=None)
+    assert verify(fd, file, exp) == len(file)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_wrong_nar_hash(sink_file: tuple[Path, int], compression: str) -> None:
+    _, fd = sink_file
+    file = compressed(compression)
+    other = sha256(NAR + b"x")
+    with pytest.raises(IntegrityError, match="NarHash"):
+        verify(fd, file, expected_for(NAR, file, compression, nar_hash=other))
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_nar_differs_in_one_byte(sink_file: tuple[Path, int], compression: str) -> None:
+    _, fd = sink_file
+    tampered = bytearray(NAR)
+    tampered[len(NAR) // 2] ^= 0x01
+    file = compress(bytes(tampered), compression)
+    exp = expected_for(NAR, file, compression)  # file fields describe what is sent
+    with pytest.raises(IntegrityError, match="NarHash"):
+        verify(fd, file, exp)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_short_nar(sink_file: tuple[Path, int], compression: str) -> None:
+    _, fd = sink_file
+    file = compress(NAR[:-8], compression)
+    exp = expected_for(NAR, file, compression)
+    with pytest.raises(IntegrityError, match="NarSize"):
+        verify(fd, file, exp)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_nar_longer_than_nar_size(
+    sink_file: tuple[Path, int], compression: str
+) -> None:
+    _, fd = sink_file
+    file = compress(NAR + b"\0" * 8, compression)
+    exp = expected_for(NAR, file, compression)
+    with pytest.raises(IntegrityError, match="NarSize"):
+        verify(fd, file, exp)
+
+
+def test_extra_bytes_after_uncompressed_nar(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    exp = expected_for(NAR, NAR, "none", file_size=None, file_hash=None)
+    with pytest.raises(IntegrityError):
+        verify(fd, NAR + b"trailing", exp)
+
+
+@pytest.mark.parametrize("compression", ["xz", "bzip2", "zstd"])
+def test_garbage_after_compressed_stream(
+    sink_file: tuple[Path, int], compression: str
+) -> None:
+    _, fd = sink_file
+    file = compressed(compression) + b"trailing garbage"
+    exp = expected_for(NAR, file, compression, file_size=None, file_hash=None)
+    with pytest.raises(IntegrityError):
+        verify(fd, file, exp)
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_file_size_mismatch(sink_file: tuple[Path, int], compression: str) -> None:
+    _, fd = sink_file
+    file = compressed(compression)
+    with pytest.raises(IntegrityError, match="FileSize"):
+        verify(fd, file, expected_for(NAR, file, compression, file_size=len(file) + 1))
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_file_larger_than_file_size_fails_while_streaming(
+    sink_file: tuple[Path, int], compression: str
+) -> None:
+    _, fd = sink_file
+    file = compressed(compression)
+    sink = NarSink(fd, expected_for(NAR, file, compression, file_size=len(file) - 1))
+    with pytest.raises(IntegrityError, match="FileSize"):
+        sink.write_thd([file])
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_file_hash_mismatch(sink_file: tuple[Path, int], compression: str) -> None:
+    _, fd = sink_file
+    file = compressed(compression)
+    wrong = sha256(file + b"x")
+    with pytest.raises(IntegrityError, match="FileHash"):
+        verify(fd, file, expected_for(NAR, file, compression, file_hash=wrong))
+
+
+@pytest.mark.parametrize("compression", ["xz", "zstd", "bzip2"])
+def test_truncated_compressed_stream(
+    sink_file: tuple[Path, int], compression: str
+) -> None:
+    _, fd = sink_file
+    file = compressed(compression)[:-20]
+    exp = expected_for(NAR, file, compression)  # FileSize/FileHash of what is sent
+    with pytest.raises(IntegrityError):
+        verify(fd, file, exp)
+
+
+@pytest.mark.parametrize("compression", ["xz", "zstd", "bzip2"])
+def test_garbage_compressed_stream(
+    sink_file: tuple[Path, int], compression: str
+) -> None:
+    _, fd = sink_file
+    garbage = os.urandom(20_000)
+    exp = expected_for(NAR, garbage, compression)
+    with pytest.raises(IntegrityError):
+        verify(fd, garbage, exp)
+
+
+def test_concatenated_xz_streams(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    half = len(NAR) // 2
+    file = lzma.compress(NAR[:half]) + lzma.compress(NAR[half:])
+    assert verify(fd, file, expected_for(NAR, file, "xz")) == len(file)
+
+
+def test_concatenated_bzip2_streams(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    half = len(NAR) // 3
+    file = bz2.compress(NAR[:half]) + bz2.compress(NAR[half:])
+    assert verify(fd, file, expected_for(NAR, file, "bzip2")) == len(file)
+
+
+def test_multi_frame_zstd(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    cctx = zstandard.ZstdCompressor(level=1)
+    thirds = [NAR[i : i + 20_000] for i in range(0, len(NAR), 20_000)]
+    file = b"".join(cctx.compress(part) for part in thirds)
+    assert len(thirds) > 2
+    assert verify(fd, file, expected_for(NAR, file, "zstd")) == len(file)
+
+
+def test_streamed_zstd_frame_without_content_size(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    cobj = zstandard.ZstdCompressor(level=1).compressobj()
+    file = cobj.compress(NAR) + cobj.flush()
+    assert verify(fd, file, expected_for(NAR, file, "zstd")) == len(file)
+
+
+def test_one_byte_at_a_time(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    nar = random_nar(2000, seed=5)
+    file = compress(nar, "xz")
+    sink = NarSink(fd, expected_for(nar, file, "xz"))
+    for i in range(len(file)):
+        assert sink.write_thd([file[i : i + 1]]) == i + 1
+    assert sink.finish_thd() == len(file)
+
+
+def test_unverifiable_compression_is_refused(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    with pytest.raises(IntegrityError, match="br"):
+        NarSink(fd, expected_for(NAR, NAR, "br"))
+
+
+def test_sync_closes_the_descriptor_after_finish(sink_file: tuple[Path, int]) -> None:
+    path, fd = sink_file
+    file = compressed("zstd")
+    sink = NarSink(fd, expected_for(NAR, file, "zstd"))
+    feed(sink, file)
+    assert sink.finish_thd() == len(file)
+    os.fstat(fd)  # still open: verified, not yet durable
+    sink.sync_thd()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert path.read_bytes() == file
