@@ -21,8 +21,6 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-
-from ncps.logs import ncps_observer
 from twisted.python.failure import Failure
 
 from ncps import narinfo as narinfo_mod
@@ -30,6 +28,7 @@ from ncps.coalesce import Coalescer
 from ncps.db.queries import TOUCH_INTERVAL, Database, NarFile, NarInfoRecord
 from ncps.download import NarDownload
 from ncps.errors import NotFound, UpstreamError
+from ncps.logs import ncps_observer
 from ncps.narinfo import NarInfo, NarInfoError
 from ncps.narsink import VERIFIABLE_COMPRESSIONS, Expected, NarSink
 from ncps.nix32 import encode as nix32_encode
@@ -63,7 +62,11 @@ class NarBody:
 
 def nar_key_for(ni: NarInfo) -> str:
     """The name we store and serve a NAR under: FileHash, else NarHash, in nix32."""
-    h = ni.file_hash if ni.file_hash is not None and ni.file_hash.algorithm == "sha256" else ni.nar_hash
+    h = (
+        ni.file_hash
+        if ni.file_hash is not None and ni.file_hash.algorithm == "sha256"
+        else ni.nar_hash
+    )
     return nix32_encode(h.digest)
 
 
@@ -165,14 +168,22 @@ class Cache:
             except NotFound:
                 continue
             except UpstreamError as e:
-                log.warn("upstream {url} failed for {hash}: {why}",
-                         url=upstream.url, hash=hash_part, why=str(e))
+                log.warn(
+                    "upstream {url} failed for {hash}: {why}",
+                    url=upstream.url,
+                    hash=hash_part,
+                    why=str(e),
+                )
                 continue
             try:
                 record = self.ingest(upstream.url, hash_part, text)
             except Rejected as e:
-                log.warn("rejected narinfo {hash} from {url}: {why}",
-                         hash=hash_part, url=upstream.url, why=str(e))
+                log.warn(
+                    "rejected narinfo {hash} from {url}: {why}",
+                    hash=hash_part,
+                    url=upstream.url,
+                    why=str(e),
+                )
                 continue
             stored: NarInfoRecord = await self._db.put_narinfo(record)
             self._prefetch(stored)
@@ -206,7 +217,7 @@ class Cache:
     # -- NAR -----------------------------------------------------------------------
 
     async def nar(self, nar_key: str, compression: str) -> NarBody:
-        """Open a NAR for sending; raises :class:`NotFound` or :class:`UpstreamError`."""
+        """Open a NAR for sending; raises NotFound or UpstreamError."""
         download = self._downloads.get((nar_key, compression))
         if download is not None and not download.done:
             return NarBody(download.open_reader(), download.expected_length, download)
@@ -215,7 +226,9 @@ class Cache:
             body = self._open_committed(nar_key, compression)
             if body is not None:
                 return body
-        record: NarInfoRecord | None = await self._db.find_nar_source(nar_key, compression)
+        record: NarInfoRecord | None = await self._db.find_nar_source(
+            nar_key, compression
+        )
         if record is None:
             raise NotFound(f"{nar_key}.nar ({compression})")
         download = await self._start_download(record)
@@ -245,7 +258,9 @@ class Cache:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            log.warn("NAR {path} is recorded but missing; fetching it again", path=str(path))
+            log.warn(
+                "NAR {path} is recorded but missing; fetching it again", path=str(path)
+            )
             return None
         return NarBody(fd, os.fstat(fd).st_size)
 
@@ -257,8 +272,11 @@ class Cache:
             await self._start_download(record)
 
         def failed(f: Failure) -> None:
-            log.warn("prefetch of {url} failed: {why}", url=record.narinfo.url,
-                     why=f.getErrorMessage())
+            log.warn(
+                "prefetch of {url} failed: {why}",
+                url=record.narinfo.url,
+                why=f.getErrorMessage(),
+            )
 
         Deferred.fromCoroutine(prefetch()).addErrback(failed)
 
@@ -300,11 +318,15 @@ class Cache:
                 del self._downloads[key]
 
         download.when_done().addBoth(forget)
-        log.info("fetching {url} from {upstream}", url=ni.url, upstream=record.upstream_url)
+        log.info(
+            "fetching {url} from {upstream}", url=ni.url, upstream=record.upstream_url
+        )
         response.deliverBody(download.body_protocol())
         return download
 
-    async def _commit(self, record: NarInfoRecord, temp: Path, download: NarDownload) -> None:
+    async def _commit(
+        self, record: NarInfoRecord, temp: Path, download: NarDownload
+    ) -> None:
         ni = record.narinfo
         await self._io.run(self._store.commit_thd, temp, record.nar_key, ni.compression)
         await self._db.put_nar_file(
@@ -316,7 +338,9 @@ class Cache:
                 nar_size=ni.nar_size,
             )
         )
-        log.info("cached {url} ({size} bytes, verified)", url=ni.url, size=download.written)
+        log.info(
+            "cached {url} ({size} bytes, verified)", url=ni.url, size=download.written
+        )
 
 
 async def _value(x: NarDownload) -> NarDownload:

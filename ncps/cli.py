@@ -30,8 +30,12 @@ class MigrateOptions(usage.Options):
     optParameters = [
         ["config", None, None, "YAML, TOML or JSON config file [NCPS_CONFIG_FILE]."],
         ["cache-database-url", None, None, "Database URL [CACHE_DATABASE_URL]."],
-        ["cache-storage-local", None, None,
-         "Storage directory, for the default SQLite database [CACHE_STORAGE_LOCAL]."],
+        [
+            "cache-storage-local",
+            None,
+            None,
+            "Storage directory, for the default SQLite database [CACHE_STORAGE_LOCAL].",
+        ],
     ]
 
     def database_url(self) -> str:
@@ -67,7 +71,9 @@ def migrate(argv: Sequence[str]) -> int:
         head = db_engine.head_revision()
         if options["dry-run"]:
             state = "up to date" if current == head else "needs migrating"
-            sys.stdout.write(f"database at {current or 'empty'}, newest {head}: {state}\n")
+            sys.stdout.write(
+                f"database at {current or 'empty'}, newest {head}: {state}\n"
+            )
             return 0
         before, after = db_engine.migrate(engine)
         engine.dispose()
@@ -78,7 +84,9 @@ def migrate(argv: Sequence[str]) -> int:
         sys.stderr.write(f"ncps migrate: {e}\n")
         return 78
     except SQLAlchemyError as e:
-        sys.stderr.write(f"ncps migrate: --cache-database-url: {str(e).splitlines()[0]}\n")
+        sys.stderr.write(
+            f"ncps migrate: --cache-database-url: {str(e).splitlines()[0]}\n"
+        )
         return 1
     sys.stdout.write(f"database migrated from {before or 'empty'} to {after}\n")
     return 0
@@ -99,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(0 if args else 2)
     command, rest = args[0], args[1:]
     if command == "serve":
-        from twisted.application.twist import Twist
+        from twisted.application.twist._twist import Twist
 
         Twist.main(["ncps serve", "ncps", *rest])
         return

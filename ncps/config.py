@@ -47,41 +47,92 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("cache-hostname", "CACHE_HOSTNAME", "cache.hostname",
-            "Host name of this cache; also the name of its signing key (required)."),
-    Setting("cache-storage-local", "CACHE_STORAGE_LOCAL", "cache.storage.local",
-            "Directory where NARs and the default database are kept (required)."),
-    Setting("cache-database-url", "CACHE_DATABASE_URL", "cache.database-url",
-            "Database URL (default: sqlite:<storage>/db/ncps.sqlite3)."),
-    Setting("cache-temp-path", "CACHE_TEMP_PATH", "cache.temp-path",
-            "Directory for downloads in progress (default: <storage>/store/tmp)."),
-    Setting("cache-upstream-url", "CACHE_UPSTREAM_URLS", "cache.upstream.urls",
-            "Upstream binary cache URL; repeat for several (at least one).",
-            multiple=True),
-    Setting("cache-upstream-public-key", "CACHE_UPSTREAM_PUBLIC_KEYS",
-            "cache.upstream.public-keys",
-            "Trusted upstream signing key name:base64; repeat for several "
-            "(at least one).", multiple=True),
-    Setting("cache-upstream-dialer-timeout", "CACHE_UPSTREAM_DIALER_TIMEOUT",
-            "cache.upstream.dialer-timeout",
-            "Timeout for connecting to an upstream.", default="3s"),
-    Setting("cache-upstream-response-header-timeout",
-            "CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT",
-            "cache.upstream.response-header-timeout",
-            "Timeout for an upstream's response headers.", default="3s"),
-    Setting("cache-sign-narinfo", "CACHE_SIGN_NARINFO", "cache.sign-narinfo",
-            "Sign served narinfos with this cache's key (true/false).",
-            default="true"),
-    Setting("cache-secret-key-path", "CACHE_SECRET_KEY_PATH", "cache.secret-key-path",
-            "Nix secret key file to sign with (default: generated once and kept "
-            "in the database)."),
-    Setting("netrc-file", "NETRC_FILE", "cache.netrc-file",
-            "netrc file with credentials for upstreams (default: ~/.netrc if it "
-            "exists)."),
-    Setting("server-addr", "SERVER_ADDR", "server.addr",
-            "Address to listen on, [host]:port.", default=":8501"),
-    Setting("log-level", "LOG_LEVEL", "log.level",
-            "Minimum log level: debug, info, warn, error.", default="info"),
+    Setting(
+        "cache-hostname",
+        "CACHE_HOSTNAME",
+        "cache.hostname",
+        "Host name of this cache; also the name of its signing key (required).",
+    ),
+    Setting(
+        "cache-storage-local",
+        "CACHE_STORAGE_LOCAL",
+        "cache.storage.local",
+        "Directory where NARs and the default database are kept (required).",
+    ),
+    Setting(
+        "cache-database-url",
+        "CACHE_DATABASE_URL",
+        "cache.database-url",
+        "Database URL (default: sqlite:<storage>/db/ncps.sqlite3).",
+    ),
+    Setting(
+        "cache-temp-path",
+        "CACHE_TEMP_PATH",
+        "cache.temp-path",
+        "Directory for downloads in progress (default: <storage>/store/tmp).",
+    ),
+    Setting(
+        "cache-upstream-url",
+        "CACHE_UPSTREAM_URLS",
+        "cache.upstream.urls",
+        "Upstream binary cache URL; repeat for several (at least one).",
+        multiple=True,
+    ),
+    Setting(
+        "cache-upstream-public-key",
+        "CACHE_UPSTREAM_PUBLIC_KEYS",
+        "cache.upstream.public-keys",
+        "Trusted upstream signing key name:base64; repeat for several (at least one).",
+        multiple=True,
+    ),
+    Setting(
+        "cache-upstream-dialer-timeout",
+        "CACHE_UPSTREAM_DIALER_TIMEOUT",
+        "cache.upstream.dialer-timeout",
+        "Timeout for connecting to an upstream.",
+        default="3s",
+    ),
+    Setting(
+        "cache-upstream-response-header-timeout",
+        "CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT",
+        "cache.upstream.response-header-timeout",
+        "Timeout for an upstream's response headers.",
+        default="3s",
+    ),
+    Setting(
+        "cache-sign-narinfo",
+        "CACHE_SIGN_NARINFO",
+        "cache.sign-narinfo",
+        "Sign served narinfos with this cache's key (true/false).",
+        default="true",
+    ),
+    Setting(
+        "cache-secret-key-path",
+        "CACHE_SECRET_KEY_PATH",
+        "cache.secret-key-path",
+        "Nix secret key file to sign with (default: generated once and kept "
+        "in the database).",
+    ),
+    Setting(
+        "netrc-file",
+        "NETRC_FILE",
+        "cache.netrc-file",
+        "netrc file with credentials for upstreams (default: ~/.netrc if it exists).",
+    ),
+    Setting(
+        "server-addr",
+        "SERVER_ADDR",
+        "server.addr",
+        "Address to listen on, [host]:port.",
+        default=":8501",
+    ),
+    Setting(
+        "log-level",
+        "LOG_LEVEL",
+        "log.level",
+        "Minimum log level: debug, info, warn, error.",
+        default="info",
+    ),
 )
 SETTINGS_BY_FLAG = {s.flag: s for s in SETTINGS}
 
@@ -196,9 +247,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def _flatten(data: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and not any(
-            s.key == dotted for s in SETTINGS
-        ):
+        if isinstance(value, dict) and not any(s.key == dotted for s in SETTINGS):
             _flatten(value, dotted + ".", out)
         else:
             out[dotted] = value
@@ -285,7 +334,9 @@ def _build(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         upstream_urls=urls,
         upstream_public_keys=tuple(keys),
         dialer_timeout=_duration("cache-upstream-dialer-timeout", raw),
-        response_header_timeout=_duration("cache-upstream-response-header-timeout", raw),
+        response_header_timeout=_duration(
+            "cache-upstream-response-header-timeout", raw
+        ),
         sign_narinfo=_bool("cache-sign-narinfo", raw),
         secret_key_path=secret_path,
         netrc_file=netrc_path,

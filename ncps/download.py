@@ -28,13 +28,12 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-
-from ncps.logs import ncps_observer
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from ncps.errors import IntegrityError, UpstreamError
+from ncps.logs import ncps_observer
 from ncps.narsink import NarSink
 
 log = Logger(observer=ncps_observer)
@@ -191,8 +190,12 @@ class NarDownload:
                 pass
             else:
                 self._fail(
-                    Failure(UpstreamError(f"upstream body of {self.name} broke: "
-                                          f"{reason.getErrorMessage()}"))
+                    Failure(
+                        UpstreamError(
+                            f"upstream body of {self.name} broke: "
+                            f"{reason.getErrorMessage()}"
+                        )
+                    )
                 )
                 return
         self._body_done = True
@@ -255,11 +258,17 @@ class NarDownload:
         self.failure = failure
         self._close_reader()
         if failure.check(IntegrityError):
-            log.error("discarded NAR {name}: {reason}", name=self.name,
-                      reason=failure.getErrorMessage())
+            log.error(
+                "discarded NAR {name}: {reason}",
+                name=self.name,
+                reason=failure.getErrorMessage(),
+            )
         else:
-            log.warn("download of NAR {name} failed: {reason}", name=self.name,
-                     reason=failure.getErrorMessage())
+            log.warn(
+                "download of NAR {name} failed: {reason}",
+                name=self.name,
+                reason=failure.getErrorMessage(),
+            )
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         if self._transport is not None:

@@ -12,7 +12,7 @@ import hashlib
 import lzma
 import os
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import zstandard
@@ -54,9 +54,7 @@ class _NarCounter:
     def write(self, data: bytes) -> int:
         self.size += len(data)
         if self.size > self.limit:
-            raise IntegrityError(
-                f"NAR is larger than its NarSize {self.limit}"
-            )
+            raise IntegrityError(f"NAR is larger than its NarSize {self.limit}")
         self.hash.update(data)
         return len(data)
 
@@ -75,7 +73,11 @@ class _Identity:
 class _Stdlib:
     """xz and bzip2, via decompressors that honour ``max_length``."""
 
-    def __init__(self, out: _NarCounter, make: type[lzma.LZMADecompressor] | type[bz2.BZ2Decompressor]) -> None:
+    def __init__(
+        self,
+        out: _NarCounter,
+        make: type[lzma.LZMADecompressor] | type[bz2.BZ2Decompressor],
+    ) -> None:
         self.out = out
         self.make = make
         self.dec: lzma.LZMADecompressor | bz2.BZ2Decompressor = make()
@@ -99,7 +101,10 @@ class _Stdlib:
 class _Zstd:
     def __init__(self, out: _NarCounter) -> None:
         dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
-        self.writer = dctx.stream_writer(out, write_size=_OUT_CHUNK, write_return_read=True)
+        sink: Any = out  # a file-like object with write(); all zstd needs
+        self.writer = dctx.stream_writer(
+            sink, write_size=_OUT_CHUNK, write_return_read=True
+        )
         self.fed = 0
 
     def feed(self, data: bytes) -> None:
@@ -145,7 +150,11 @@ class NarSink:
         elif expected.compression == "zstd":
             self.decoder = _Zstd(self.nar)
         else:
-            make = lzma.LZMADecompressor if expected.compression == "xz" else bz2.BZ2Decompressor
+            make = (
+                lzma.LZMADecompressor
+                if expected.compression == "xz"
+                else bz2.BZ2Decompressor
+            )
             self.decoder = _Stdlib(self.nar, make)
 
     def write_thd(self, chunks: Iterable[bytes]) -> int:
@@ -155,7 +164,10 @@ class NarSink:
                 n = os.write(self.fd, view)
                 view = view[n:]
             self.file_size += len(chunk)
-            if self.expected.file_size is not None and self.file_size > self.expected.file_size:
+            if (
+                self.expected.file_size is not None
+                and self.file_size > self.expected.file_size
+            ):
                 raise IntegrityError(
                     f"download is larger than its FileSize {self.expected.file_size}"
                 )

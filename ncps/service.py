@@ -22,13 +22,12 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from ncps.logs import ncps_observer
-
 from ncps.cache import Cache
 from ncps.config import Config
 from ncps.db import engine as db_engine
 from ncps.db.queries import Database, get_config_thd, put_config_if_absent_thd
 from ncps.errors import StartupError, exit_on_startup_error
+from ncps.logs import ncps_observer
 from ncps.signing import KeyFormatError, SecretKey, TrustedKeys
 from ncps.storage.local import LocalStore
 from ncps.threads import Runner, ThreadPoolService
@@ -43,12 +42,12 @@ SECRET_KEY_CONFIG = "secret_key"
 class SequentialMultiService(MultiService):
     """Stops children one after the other, in reverse start order, waiting for each."""
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> Deferred[None]:
         Service.stopService(self)
 
         async def stop_all() -> None:
             for child in reversed(list(self)):
-                await child.stopService()  # type: ignore[misc]
+                await child.stopService()
 
         return ensureDeferred(stop_all())
 
@@ -66,7 +65,9 @@ class ListenerService(Service):
             self._inner.startService()
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            exit_on_startup_error(f"--server-addr: cannot listen on {self._addr}: {reason}")
+            exit_on_startup_error(
+                f"--server-addr: cannot listen on {self._addr}: {reason}"
+            )
 
     def stopService(self) -> Any:
         super().stopService()
@@ -96,13 +97,17 @@ def load_signing_key_thd(db: Database, config: Config) -> SecretKey:
     stored = db.call_thd(get_config_thd, SECRET_KEY_CONFIG)
     if stored is None:
         fresh = SecretKey.generate(config.hostname)
-        stored = db.call_thd(put_config_if_absent_thd, SECRET_KEY_CONFIG, fresh.to_text())
+        stored = db.call_thd(
+            put_config_if_absent_thd, SECRET_KEY_CONFIG, fresh.to_text()
+        )
         if stored == fresh.to_text():
             log.info("generated signing key {name}", name=fresh.name)
     try:
         return SecretKey.parse(stored)
     except KeyFormatError as e:
-        raise StartupError(f"--cache-database-url: stored signing key is invalid: {e}") from None
+        raise StartupError(
+            f"--cache-database-url: stored signing key is invalid: {e}"
+        ) from None
 
 
 def build_service(config: Config, reactor: Any) -> MultiService:
@@ -125,8 +130,11 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         first = str(e).splitlines()[0]
         raise StartupError(f"--cache-database-url: {first}") from None
     if before != after:
-        log.info("database schema migrated from {before} to {after}",
-                 before=before or "empty", after=after)
+        log.info(
+            "database schema migrated from {before} to {after}",
+            before=before or "empty",
+            after=after,
+        )
     db = Database(engine, Runner(reactor, db_pool.pool))
     _Hook(lambda: engine.dispose()).setServiceParent(root)
 
@@ -135,13 +143,16 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     for shadowed in trusted.shadowed():
         log.warn(
             "--cache-upstream-public-key {key} can never match: a later key has "
-            "the same name", key=shadowed.to_text())
+            "the same name",
+            key=shadowed.to_text(),
+        )
     for pk in config.upstream_public_keys:
         if pk.name == key.name:
             log.warn(
                 "--cache-upstream-public-key {key} has this cache's own key name; "
                 "upstream signatures under that name are replaced by ours",
-                key=pk.to_text())
+                key=pk.to_text(),
+            )
 
     upstreams = UpstreamPool(
         reactor,
@@ -165,7 +176,10 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         io=Runner(reactor, io_pool.pool),
     )
     server = CacheServer(
-        reactor, cache, config.hostname, key.public_key() if config.sign_narinfo else None
+        reactor,
+        cache,
+        config.hostname,
+        key.public_key() if config.sign_narinfo else None,
     )
     site = QuietSite(server.resource())
     host = config.listen_host.replace(":", r"\:")
@@ -173,6 +187,9 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     addr = f"{config.listen_host}:{config.listen_port}"
     listener = ListenerService(strports.service(endpoint, site, reactor=reactor), addr)
     listener.setServiceParent(root)
-    log.info("ncps {hostname} will listen on {addr}", hostname=config.hostname,
-             addr=f"{config.listen_host}:{config.listen_port}")
+    log.info(
+        "ncps {hostname} will listen on {addr}",
+        hostname=config.hostname,
+        addr=f"{config.listen_host}:{config.listen_port}",
+    )
     return root

@@ -16,15 +16,13 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
-
-from ncps.logs import ncps_observer
 from twisted.web.server import Request
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from ncps.download import NarDownload
+from ncps.logs import ncps_observer
 
 log = Logger(observer=ncps_observer)
 
@@ -102,7 +100,11 @@ class FileStreamer:
         sent = 0
         while not self._paused and not self._stopped:
             download = self._download
-            if download is not None and download.failure is not None and not download.verified:
+            if (
+                download is not None
+                and download.failure is not None
+                and not download.verified
+            ):
                 self._abort()
                 return
             limit, final = self._limit()
@@ -132,7 +134,7 @@ class FileStreamer:
         self._close()
         transport = self._request.channel.transport if self._request.channel else None
         if transport is not None:
-            transport.abortConnection()  # type: ignore[union-attr]
+            transport.abortConnection()  # type: ignore[attr-defined]
 
     def _close(self) -> None:
         if self._stopped:

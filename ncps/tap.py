@@ -11,8 +11,8 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from ncps.config import SETTINGS, Config, environment, load_config
-from ncps.logs import set_level
 from ncps.errors import ConfigError, StartupError, exit_on_startup_error
+from ncps.logs import set_level
 
 _fail = exit_on_startup_error
 
@@ -29,27 +29,36 @@ class Options(usage.Options):
     optParameters = [
         ["config", None, None, "YAML, TOML or JSON config file [NCPS_CONFIG_FILE]."]
     ] + [
-        [s.flag, None, None, f"{s.help} [{s.env}]" + (f" (default: {s.default})" if s.default else "")]
+        [
+            s.flag,
+            None,
+            None,
+            f"{s.help} [{s.env}]" + (f" (default: {s.default})" if s.default else ""),
+        ]
         for s in SETTINGS
         if not s.multiple
     ]
 
     def __init__(self) -> None:
         super().__init__()
-        self.repeated: dict[str, list[str]] = {s.flag: [] for s in SETTINGS if s.multiple}
+        self.repeated: dict[str, list[str]] = {
+            s.flag: [] for s in SETTINGS if s.multiple
+        }
         self.config: Config | None = None
 
     def opt_cache_upstream_url(self, value: str) -> None:
-        """Upstream binary cache URL; repeat for several (at least one) [CACHE_UPSTREAM_URLS]."""
+        """Upstream cache URL; repeatable, at least one [CACHE_UPSTREAM_URLS]."""
         self.repeated["cache-upstream-url"].append(value)
 
     def opt_cache_upstream_public_key(self, value: str) -> None:
-        """Trusted upstream key name:base64; repeat for several [CACHE_UPSTREAM_PUBLIC_KEYS]."""
+        """Trusted upstream key name:base64; repeatable [CACHE_UPSTREAM_PUBLIC_KEYS]."""
         self.repeated["cache-upstream-public-key"].append(value)
 
     def given_flags(self) -> dict[str, Any]:
         flags: dict[str, Any] = {
-            s.flag: self[s.flag] for s in SETTINGS if not s.multiple and self[s.flag] is not None
+            s.flag: self[s.flag]
+            for s in SETTINGS
+            if not s.multiple and self[s.flag] is not None
         }
         flags.update({k: v for k, v in self.repeated.items() if v})
         return flags

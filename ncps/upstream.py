@@ -26,12 +26,11 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-
-from ncps.logs import ncps_observer
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IResponse
 
 from ncps.errors import NotFound, UpstreamError
+from ncps.logs import ncps_observer
 
 log = Logger(observer=ncps_observer)
 
@@ -143,15 +142,20 @@ class UpstreamPool:
         """Upstreams in the order to try them."""
         return sorted(self.upstreams, key=Upstream.sort_key)
 
-    def _headers(self, upstream: Upstream) -> dict[bytes, list[bytes]]:
-        headers = {b"User-Agent": [USER_AGENT]}
+    def _headers(self, upstream: Upstream) -> dict[bytes | str, list[bytes | str]]:
+        headers: dict[bytes | str, list[bytes | str]] = {b"User-Agent": [USER_AGENT]}
         if upstream.auth is not None:
             headers[b"Authorization"] = [upstream.auth]
         return headers
 
-    async def _get(self, upstream: Upstream, url: str, method: str = "GET") -> IResponse:
+    async def _get(
+        self, upstream: Upstream, url: str, method: str = "GET"
+    ) -> IResponse:
         d = self.http.request(
-            method, url, headers=self._headers(upstream), unbuffered=True,
+            method,
+            url,
+            headers=self._headers(upstream),
+            unbuffered=True,
             allow_redirects=False,
         )
         d.addTimeout(self._header_timeout, self._clock)
@@ -168,7 +172,9 @@ class UpstreamPool:
             response = await self._get(upstream, url)
             if response.code != 200:
                 raise UpstreamError(f"GET {url}: HTTP {response.code}")
-            body = await _read_capped(response, 64 * 1024, self._clock, self._header_timeout)
+            body = await _read_capped(
+                response, 64 * 1024, self._clock, self._header_timeout
+            )
             info = parse_cache_info(body.decode("utf-8", "replace"))
             store_dir = info.get("StoreDir", "/nix/store")
             if store_dir != "/nix/store":
@@ -180,8 +186,11 @@ class UpstreamPool:
             upstream.healthy = False
             return
         if upstream.healthy is not True or upstream.priority != priority:
-            log.info("upstream {url} is healthy (priority {priority})",
-                     url=upstream.url, priority=priority)
+            log.info(
+                "upstream {url} is healthy (priority {priority})",
+                url=upstream.url,
+                priority=priority,
+            )
         upstream.priority = priority
         upstream.healthy = True
 
@@ -198,7 +207,12 @@ class UpstreamPool:
         if self._first_check is None:
             self._first_check = self.check_all()
         result: Deferred[None] = Deferred()
-        self._first_check.addBoth(lambda r: (result.callback(None), r)[1])
+
+        def fan_out(outcome: object) -> object:
+            result.callback(None)
+            return outcome
+
+        self._first_check.addBoth(fan_out)
         return result
 
     async def fetch_narinfo(self, upstream: Upstream, hash_part: str) -> bytes:
@@ -261,7 +275,7 @@ def _describe(e: BaseException) -> str:
 async def _discard(response: IResponse) -> None:
     try:
         await treq.content(response)
-    except Exception:  # noqa: S110 - only draining an error body
+    except Exception:
         pass
 
 
@@ -269,7 +283,11 @@ async def _read_capped(
     response: IResponse, limit: int, clock: IReactorTime, timeout: float
 ) -> bytes:
     """The whole body, failing if it exceeds ``limit`` bytes or ``timeout``."""
-    if response.length is not None and isinstance(response.length, int) and response.length > limit:
+    if (
+        response.length is not None
+        and isinstance(response.length, int)
+        and response.length > limit
+    ):
         raise UpstreamError(f"response of {response.length} bytes is too large")
     chunks: list[bytes] = []
     size = 0

@@ -15,8 +15,6 @@ from typing import Any
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-
-from ncps.logs import ncps_observer
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.iweb import IRequest
@@ -25,6 +23,7 @@ from zope.interface import implementer
 
 from ncps.cache import Cache, NarBody
 from ncps.errors import IntegrityError, NotFound, UpstreamError
+from ncps.logs import ncps_observer
 from ncps.signing import PublicKey
 from ncps.storage.local import EXTENSION_COMPRESSIONS
 from ncps.streaming import FileStreamer
@@ -52,7 +51,11 @@ class CacheServer:
     app = Klein()
 
     def __init__(
-        self, clock: IReactorTime, cache: Cache, hostname: str, public_key: PublicKey | None
+        self,
+        clock: IReactorTime,
+        cache: Cache,
+        hostname: str,
+        public_key: PublicKey | None,
     ) -> None:
         self._clock = clock
         self._cache = cache
@@ -134,8 +137,12 @@ class CacheServer:
     # IntegrityError: the download a request waited for delivered bad bytes.
     @app.handle_errors(UpstreamError, IntegrityError)
     def upstream_error(self, request: IRequest, failure: Failure) -> bytes:
-        log.warn("{method} {uri}: {why}", method=request.method, uri=request.uri,
-                 why=failure.getErrorMessage())
+        log.warn(
+            "{method} {uri}: {why}",
+            method=request.method,
+            uri=request.uri,
+            why=failure.getErrorMessage(),
+        )
         request.setResponseCode(502)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Bad Gateway\n"

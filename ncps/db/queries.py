@@ -60,20 +60,20 @@ def _narinfo_from_row(row: Row[tuple[object, ...]]) -> NarInfoRecord:
         url=str(m["url"]),
         compression=str(m["compression"]),
         nar_hash=parse_hash(str(m["nar_hash"])),
-        nar_size=int(m["nar_size"]),  # type: ignore[call-overload]
+        nar_size=int(m["nar_size"]),
         file_hash=parse_hash(str(m["file_hash"])) if m["file_hash"] else None,
-        file_size=int(m["file_size"]) if m["file_size"] is not None else None,  # type: ignore[call-overload]
+        file_size=int(m["file_size"]) if m["file_size"] is not None else None,
         references=tuple(refs.split()) if refs else (),
-        deriver=m["deriver"],  # type: ignore[arg-type]
-        system=m["system"],  # type: ignore[arg-type]
+        deriver=m["deriver"],
+        system=m["system"],
         signatures=tuple(sigs.split("\n")) if sigs else (),
-        ca=m["ca"],  # type: ignore[arg-type]
+        ca=m["ca"],
     )
     return NarInfoRecord(
         narinfo=ni,
         nar_key=str(m["nar_key"]),
         upstream_url=str(m["upstream_url"]),
-        last_accessed_at=m["last_accessed_at"],  # type: ignore[arg-type]
+        last_accessed_at=m["last_accessed_at"],
     )
 
 
@@ -144,7 +144,9 @@ def find_nar_source_thd(
     return _narinfo_from_row(row) if row is not None else None
 
 
-def get_nar_file_thd(conn: Connection, nar_key: str, compression: str) -> NarFile | None:
+def get_nar_file_thd(
+    conn: Connection, nar_key: str, compression: str
+) -> NarFile | None:
     row = conn.execute(
         select(nar_files).where(
             and_(nar_files.c.hash == nar_key, nar_files.c.compression == compression)

@@ -74,7 +74,9 @@ class LocalStore:
 
     def new_temp_file_thd(self, nar_key: str) -> tuple[int, Path]:
         """A fresh, exclusively created temp file: (fd, path)."""
-        fd, path = tempfile.mkstemp(prefix=f"{nar_key}-", suffix=".part", dir=self.temp_dir)
+        fd, path = tempfile.mkstemp(
+            prefix=f"{nar_key}-", suffix=".part", dir=self.temp_dir
+        )
         return fd, Path(path)
 
     def size_thd(self, nar_key: str, compression: str) -> int | None:

@@ -53,9 +53,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_narinfos_nar_key_compression", "narinfos", ["nar_key", "compression"]
     )
-    op.create_index(
-        "ix_narinfos_last_accessed_at", "narinfos", ["last_accessed_at"]
-    )
+    op.create_index("ix_narinfos_last_accessed_at", "narinfos", ["last_accessed_at"])
     op.create_table(
         "nar_files",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -67,11 +65,11 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("last_accessed_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_nar_files"),
-        sa.UniqueConstraint("hash", "compression", name="uq_nar_files_hash_compression"),
+        sa.UniqueConstraint(
+            "hash", "compression", name="uq_nar_files_hash_compression"
+        ),
     )
-    op.create_index(
-        "ix_nar_files_last_accessed_at", "nar_files", ["last_accessed_at"]
-    )
+    op.create_index("ix_nar_files_last_accessed_at", "nar_files", ["last_accessed_at"])
 
 
 def downgrade() -> None:
