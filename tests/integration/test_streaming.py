@@ -187,6 +187,16 @@ class Harness:
         )
         return result
 
+    async def committed(self, fx: NarFixture, timeout: float = 15.0) -> NarFile:
+        """Wait for the NAR's database row (written last, after the rename)."""
+        waited = 0.0
+        while (row := await self.nar_file(fx)) is None:
+            if waited > timeout:
+                raise AssertionError(f"{fx.cache_nar_path()} was never committed")
+            await deferLater(reactor, 0.01, lambda: None)
+            waited += 0.01
+        return row
+
     def temp_files(self) -> list[str]:
         return os.listdir(self.store.temp_dir)
 
@@ -284,10 +294,9 @@ async def test_big_nar_to_two_concurrent_clients_with_one_upstream_get(
     assert bytes(c1.received) == fx.file
     assert bytes(c2.received) == fx.file
     assert harness.nar_gets(fx) == 1
-    await until(
-        lambda: harness.store.nar_path(fx.nar_key, "zstd").exists(), what="commit"
-    )
-    assert await harness.nar_file(fx) is not None
+    row = await harness.committed(fx)
+    assert row.file_size == len(fx.file)
+    assert harness.store.nar_path(fx.nar_key, "zstd").read_bytes() == fx.file
 
 
 @pytest_twisted.ensureDeferred
@@ -306,11 +315,9 @@ async def test_client_leaving_mid_stream_does_not_stop_the_download(
     assert len(quitter.received) < len(fx.file)
     gated.gate.callback(None)
 
-    path = harness.store.nar_path(fx.nar_key, "none")
-    await until(path.exists, what="the download to be committed")
-    await until(lambda: harness.temp_files() == [], what="temp file to go")
-    assert path.read_bytes() == fx.file
-    assert await harness.nar_file(fx) is not None
+    await harness.committed(fx)
+    assert harness.store.nar_path(fx.nar_key, "none").read_bytes() == fx.file
+    assert harness.temp_files() == []
 
     # A later client is served from the store, without asking the upstream again.
     response, later = await harness.get(fx.cache_nar_path())
