@@ -291,7 +291,6 @@ async def _read_capped(
         raise UpstreamError(f"response of {response.length} bytes is too large")
     chunks: list[bytes] = []
     size = 0
-    done: Deferred[None] = Deferred()
 
     def collect(data: bytes) -> None:
         nonlocal size
@@ -308,7 +307,6 @@ async def _read_capped(
         raise
     except Exception as e:
         raise UpstreamError(f"reading body: {_describe(e)}") from None
-    del done
     return b"".join(chunks)
 
 
