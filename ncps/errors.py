@@ -23,6 +23,14 @@ class IntegrityError(NcpsError):
     """Downloaded bytes do not match what the narinfo promised."""
 
 
+class StorageError(NcpsError):
+    """The NAR store (S3, or the disk) failed; the request may be retried (503)."""
+
+
+class DatabaseUnavailable(NcpsError):
+    """The database failed even after retries; the request may be retried (503)."""
+
+
 class ConfigError(NcpsError):
     """A bad configuration; the message starts with the flag it is about."""
 
