@@ -33,7 +33,8 @@ from ncps.narinfo import NarInfo, NarInfoError
 from ncps.narsink import VERIFIABLE_COMPRESSIONS, Expected, NarSink
 from ncps.nix32 import encode as nix32_encode
 from ncps.signing import SecretKey, TrustedKeys, sign_narinfo
-from ncps.storage.local import LocalStore, nar_file_name
+from ncps.storage.base import NarStore, StoredNar, nar_file_name
+from ncps.storage.local import LocalStore
 from ncps.threads import Runner
 from ncps.upstream import UpstreamPool, resolve_nar_url
 
@@ -55,9 +56,13 @@ class NarBody:
     length to announce (``None`` when not known in advance).
     """
 
-    fd: int
+    fd: int | None
     size: int | None
     download: NarDownload | None = None
+    # A committed object that is not a local file (S3): read with
+    # ``stored.read_thd`` on the ``reader`` pool.
+    stored: StoredNar | None = None
+    reader: Runner | None = None
 
 
 def nar_key_for(ni: NarInfo) -> str:
@@ -86,15 +91,20 @@ class Cache:
         *,
         clock: IReactorTime,
         db: Database,
-        store: LocalStore,
+        store: NarStore,
         upstreams: UpstreamPool,
         trusted: TrustedKeys,
         signer: SecretKey | None,
         io: Runner,
+        store_io: Runner | None = None,
     ) -> None:
+        """``io`` runs temp-file work (writing, hashing, fsync); ``store_io``
+        runs the store's own calls (the io pool for local disk, the s3 pool
+        for S3)."""
         self._clock = clock
         self._db = db
         self._store = store
+        self._store_io = store_io or io
         self._upstreams = upstreams
         self._trusted = trusted
         self._signer = signer
@@ -223,7 +233,7 @@ class Cache:
             return NarBody(download.open_reader(), download.expected_length, download)
         nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
         if nar_file is not None:
-            body = self._open_committed(nar_key, compression)
+            body = await self._open_committed(nar_key, compression)
             if body is not None:
                 return body
         record: NarInfoRecord | None = await self._db.find_nar_source(
@@ -234,7 +244,7 @@ class Cache:
         download = await self._start_download(record)
         if download.done:
             await download.when_done()
-            body = self._open_committed(nar_key, compression)
+            body = await self._open_committed(nar_key, compression)
             if body is None:
                 raise NotFound(f"{nar_key}.nar ({compression})")
             return body
@@ -253,16 +263,25 @@ class Cache:
             raise NotFound(f"{nar_key}.nar ({compression})")
         return nar_file.file_size
 
-    def _open_committed(self, nar_key: str, compression: str) -> NarBody | None:
-        path = self._store.nar_path(nar_key, compression)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            log.warn(
-                "NAR {path} is recorded but missing; fetching it again", path=str(path)
-            )
-            return None
-        return NarBody(fd, os.fstat(fd).st_size)
+    async def _open_committed(self, nar_key: str, compression: str) -> NarBody | None:
+        store = self._store
+        if isinstance(store, LocalStore):
+            # Opening a local file is as quick as the pool round trip would
+            # be; twisted.web.static opens files on the reactor thread too.
+            fd = store.open_fd(nar_key, compression)
+            if fd is not None:
+                return NarBody(fd, os.fstat(fd).st_size)
+        else:
+            stored = await self._store_io.run(store.open_thd, nar_key, compression)
+            if stored is not None:
+                return NarBody(None, stored.size, stored=stored, reader=self._store_io)
+        log.warn(
+            "NAR {name} is recorded but missing from the {kind} store; fetching "
+            "it again",
+            name=nar_file_name(nar_key, compression),
+            kind=store.kind,
+        )
+        return None
 
     def _prefetch(self, record: NarInfoRecord) -> None:
         async def prefetch() -> None:
@@ -328,7 +347,9 @@ class Cache:
         self, record: NarInfoRecord, temp: Path, download: NarDownload
     ) -> None:
         ni = record.narinfo
-        await self._io.run(self._store.commit_thd, temp, record.nar_key, ni.compression)
+        await self._store_io.run(
+            self._store.commit_thd, temp, record.nar_key, ni.compression
+        )
         await self._db.put_nar_file(
             NarFile(
                 nar_key=record.nar_key,

@@ -16,8 +16,8 @@ from twisted.python import usage
 
 from ncps.config import (
     SETTINGS_BY_FLAG,
-    _check_database_url,
     _read_config_file,
+    check_database_url,
     environment,
 )
 from ncps.db import engine as db_engine
@@ -57,7 +57,7 @@ class MigrateOptions(usage.Options):
                     "the default SQLite database)"
                 )
             url = f"sqlite:{Path(storage).expanduser().absolute()}/db/ncps.sqlite3"
-        _check_database_url(url)
+        check_database_url(url)
         return url
 
 
@@ -66,7 +66,7 @@ def migrate(argv: Sequence[str]) -> int:
     try:
         options.parseOptions(list(argv))
         url = options.database_url()
-        engine = db_engine.open_engine(url, pool_size=1)
+        engine = db_engine.open_engine(url, max_open=1, max_idle=1)
         current = db_engine.current_revision(engine)
         head = db_engine.head_revision()
         if options["dry-run"]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -57,19 +58,75 @@ SETTINGS: tuple[Setting, ...] = (
         "cache-storage-local",
         "CACHE_STORAGE_LOCAL",
         "cache.storage.local",
-        "Directory where NARs and the default database are kept (required).",
+        "Directory where NARs and the default database are kept (this or "
+        "--cache-storage-s3-bucket).",
+    ),
+    Setting(
+        "cache-storage-s3-bucket",
+        "CACHE_STORAGE_S3_BUCKET",
+        "cache.storage.s3.bucket",
+        "S3 bucket to keep NARs in (this or --cache-storage-local).",
+    ),
+    Setting(
+        "cache-storage-s3-endpoint",
+        "CACHE_STORAGE_S3_ENDPOINT",
+        "cache.storage.s3.endpoint",
+        "S3 endpoint URL with its scheme, e.g. https://s3.eu-west-1.amazonaws.com.",
+    ),
+    Setting(
+        "cache-storage-s3-region",
+        "CACHE_STORAGE_S3_REGION",
+        "cache.storage.s3.region",
+        "S3 region (default: us-east-1).",
+    ),
+    Setting(
+        "cache-storage-s3-access-key-id",
+        "CACHE_STORAGE_S3_ACCESS_KEY_ID",
+        "cache.storage.s3.access-key-id",
+        "S3 access key id.",
+    ),
+    Setting(
+        "cache-storage-s3-secret-access-key",
+        "CACHE_STORAGE_S3_SECRET_ACCESS_KEY",
+        "cache.storage.s3.secret-access-key",
+        "S3 secret access key.",
+    ),
+    Setting(
+        "cache-storage-s3-force-path-style",
+        "CACHE_STORAGE_S3_FORCE_PATH_STYLE",
+        "cache.storage.s3.force-path-style",
+        "Address the bucket as <endpoint>/<bucket> (MinIO, Garage, moto).",
+        default="false",
     ),
     Setting(
         "cache-database-url",
         "CACHE_DATABASE_URL",
         "cache.database-url",
-        "Database URL (default: sqlite:<storage>/db/ncps.sqlite3).",
+        "Database URL: sqlite:/path, postgresql://user:pass@host:port/db or "
+        "mysql://user:pass@host:port/db (default with local storage: "
+        "sqlite:<storage>/db/ncps.sqlite3).",
+    ),
+    Setting(
+        "cache-database-pool-max-open-conns",
+        "CACHE_DATABASE_POOL_MAX_OPEN_CONNS",
+        "cache.database.pool.max-open-conns",
+        "Most database connections open at once (0: 25, or 1 writer + 3 "
+        "readers for SQLite).",
+        default="0",
+    ),
+    Setting(
+        "cache-database-pool-max-idle-conns",
+        "CACHE_DATABASE_POOL_MAX_IDLE_CONNS",
+        "cache.database.pool.max-idle-conns",
+        "Database connections kept open while idle (0: 5).",
+        default="0",
     ),
     Setting(
         "cache-temp-path",
         "CACHE_TEMP_PATH",
         "cache.temp-path",
-        "Directory for downloads in progress (default: <storage>/store/tmp).",
+        "Directory for downloads in progress (default: <storage>/store/tmp, or "
+        "the system temp directory with S3).",
     ),
     Setting(
         "cache-upstream-url",
@@ -137,14 +194,43 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_FLAG = {s.flag: s for s in SETTINGS}
 
 
+DEFAULT_POOL_MAX_OPEN = 25
+DEFAULT_POOL_MAX_IDLE = 5
+
+
+@attrs.frozen
+class S3Settings:
+    """Where and how to reach the S3 bucket NARs are kept in."""
+
+    bucket: str
+    endpoint: str
+    region: str | None
+    access_key_id: str
+    secret_access_key: str = attrs.field(repr=False)
+    force_path_style: bool = False
+
+
+@attrs.frozen
+class Backend:
+    """Storage and database: what the daemon and the copy tool open.
+
+    Exactly one of ``storage_local`` and ``storage_s3`` is set.
+    """
+
+    storage_local: Path | None
+    storage_s3: S3Settings | None
+    database_url: str
+    pool_max_open: int
+    pool_max_idle: int
+    temp_path: Path
+
+
 @attrs.frozen
 class Config:
     """The whole, validated configuration of one ncps instance."""
 
     hostname: str
-    storage_local: Path
-    database_url: str
-    temp_path: Path
+    backend: Backend
     upstream_urls: tuple[str, ...]
     upstream_public_keys: tuple[PublicKey, ...]
     dialer_timeout: float
@@ -268,19 +354,7 @@ def _build(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
             f"--cache-hostname: {hostname!r} must be a bare host name (no scheme, "
             "no path)"
         )
-    storage = Path(need("cache-storage-local")).expanduser().absolute()
-    if storage.exists() and not storage.is_dir():
-        raise ConfigError(f"--cache-storage-local: {storage} is not a directory")
-
-    database_url = raw["cache-database-url"] or f"sqlite:{storage}/db/ncps.sqlite3"
-    _check_database_url(database_url)
-
-    temp = raw["cache-temp-path"]
-    temp_path = (
-        Path(temp).expanduser().absolute() if temp else storage / "store" / "tmp"
-    )
-    if temp_path.exists() and not temp_path.is_dir():
-        raise ConfigError(f"--cache-temp-path: {temp_path} is not a directory")
+    backend = build_backend(raw)
 
     urls = tuple(_check_upstream_url(u) for u in raw["cache-upstream-url"])
     if not urls:
@@ -328,9 +402,7 @@ def _build(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         )
     return Config(
         hostname=hostname,
-        storage_local=storage,
-        database_url=database_url,
-        temp_path=temp_path,
+        backend=backend,
         upstream_urls=urls,
         upstream_public_keys=tuple(keys),
         dialer_timeout=_duration("cache-upstream-dialer-timeout", raw),
@@ -356,29 +428,179 @@ def _duration(flag: str, raw: Mapping[str, Any]) -> float:
     return value
 
 
-def _bool(flag: str, raw: Mapping[str, Any]) -> bool:
+def _bool(flag: str, raw: Mapping[str, Any], flag_prefix: str = "") -> bool:
+    default = SETTINGS_BY_FLAG[flag].default
     try:
-        return parse_bool(str(raw[flag]))
+        return parse_bool(str(raw.get(flag) or default))
     except ValueError as e:
-        raise ConfigError(f"--{flag}: {e}") from None
+        raise ConfigError(f"--{flag_prefix}{flag}: {e}") from None
 
 
-def _check_database_url(url: str) -> None:
-    scheme = url.split(":", 1)[0].lower()
+def build_backend(raw: Mapping[str, Any], flag_prefix: str = "") -> Backend:
+    """The storage and database settings out of ``raw`` (keyed by flag name).
+
+    ``flag_prefix`` is put in front of flag names in error messages (the copy
+    tool's ``from-``/``to-`` sides).
+    """
+
+    def flag(name: str) -> str:
+        return f"--{flag_prefix}{name}"
+
+    def text(name: str) -> str | None:
+        value = raw.get(name)
+        return str(value).strip() or None if value is not None else None
+
+    local = text("cache-storage-local")
+    s3_values = {
+        name: text(f"cache-storage-s3-{name}")
+        for name in (
+            "bucket",
+            "endpoint",
+            "region",
+            "access-key-id",
+            "secret-access-key",
+        )
+    }
+    s3_given = [name for name, value in s3_values.items() if value is not None]
+    if local and s3_given:
+        raise ConfigError(
+            f"{flag('cache-storage-local')}: give either local storage or S3 "
+            f"storage, not both ({flag('cache-storage-s3-' + s3_given[0])} is set)"
+        )
+    storage_local: Path | None = None
+    storage_s3: S3Settings | None = None
+    if local:
+        storage_local = Path(local).expanduser().absolute()
+        if storage_local.exists() and not storage_local.is_dir():
+            raise ConfigError(
+                f"{flag('cache-storage-local')}: {storage_local} is not a directory"
+            )
+    elif s3_given:
+        for name in ("bucket", "endpoint", "access-key-id", "secret-access-key"):
+            if s3_values[name] is None:
+                s = SETTINGS_BY_FLAG[f"cache-storage-s3-{name}"]
+                raise ConfigError(
+                    f"{flag(s.flag)}: required with S3 storage (or set {s.env} "
+                    f"or {s.key})"
+                )
+        endpoint = str(s3_values["endpoint"])
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"{flag('cache-storage-s3-endpoint')}: {endpoint!r} must be an "
+                "http:// or https:// URL"
+            )
+        storage_s3 = S3Settings(
+            bucket=str(s3_values["bucket"]),
+            endpoint=endpoint.rstrip("/"),
+            region=s3_values["region"],
+            access_key_id=str(s3_values["access-key-id"]),
+            secret_access_key=str(s3_values["secret-access-key"]),
+            force_path_style=_bool(
+                "cache-storage-s3-force-path-style", raw, flag_prefix
+            ),
+        )
+    else:
+        s = SETTINGS_BY_FLAG["cache-storage-local"]
+        raise ConfigError(
+            f"{flag('cache-storage-local')}: required, or "
+            f"{flag('cache-storage-s3-bucket')} for S3 (or set {s.env} or "
+            "CACHE_STORAGE_S3_BUCKET)"
+        )
+
+    database_url = text("cache-database-url")
+    if database_url is None:
+        if storage_local is None:
+            raise ConfigError(
+                f"{flag('cache-database-url')}: required with S3 storage (or "
+                "set CACHE_DATABASE_URL)"
+            )
+        database_url = f"sqlite:{storage_local}/db/ncps.sqlite3"
+    check_database_url(database_url, flag("cache-database-url"))
+
+    pool_open = _count(
+        flag("cache-database-pool-max-open-conns"),
+        raw.get("cache-database-pool-max-open-conns"),
+    )
+    pool_idle = _count(
+        flag("cache-database-pool-max-idle-conns"),
+        raw.get("cache-database-pool-max-idle-conns"),
+    )
+    pool_open = pool_open or DEFAULT_POOL_MAX_OPEN
+    pool_idle = min(pool_idle or DEFAULT_POOL_MAX_IDLE, pool_open)
+
+    temp = text("cache-temp-path")
+    if temp:
+        temp_path = Path(temp).expanduser().absolute()
+    elif storage_local is not None:
+        temp_path = storage_local / "store" / "tmp"
+    else:
+        temp_path = Path(tempfile.gettempdir()) / "ncps"
+    if temp_path.exists() and not temp_path.is_dir():
+        raise ConfigError(f"{flag('cache-temp-path')}: {temp_path} is not a directory")
+    return Backend(
+        storage_local=storage_local,
+        storage_s3=storage_s3,
+        database_url=database_url,
+        pool_max_open=pool_open,
+        pool_max_idle=pool_idle,
+        temp_path=temp_path,
+    )
+
+
+def _count(flag: str, value: Any) -> int:
+    try:
+        number = int(str(value if value is not None else "0").strip())
+    except ValueError:
+        raise ConfigError(f"{flag}: {value!r} is not a whole number") from None
+    if number < 0:
+        raise ConfigError(f"{flag}: must not be negative")
+    return number
+
+
+DATABASE_SCHEMES = ("sqlite", "sqlite3", "postgresql", "postgres", "mysql")
+
+
+def check_database_url(url: str, flag: str = "--cache-database-url") -> None:
+    """Reject a database URL ncps cannot use, with a message naming ``flag``."""
+    scheme, _, rest = url.partition(":")
+    scheme = scheme.lower()
     if scheme in ("sqlite", "sqlite3"):
-        path = url.split(":", 1)[1]
-        if path.startswith("//"):
-            path = path[2:]
+        path = rest[2:] if rest.startswith("//") else rest
         if not path or path.startswith("?") or ":memory:" in path:
             raise ConfigError(
-                f"--cache-database-url: {url!r} needs a file path, e.g. "
+                f"{flag}: {url!r} needs a file path, e.g. "
                 "sqlite:/var/lib/ncps/db.sqlite3"
             )
         return
+    if scheme in ("postgresql", "postgres", "mysql") and rest.startswith("//"):
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            raise ConfigError(f"{flag}: {redact_url(url)!r} has a bad port") from None
+        if not parts.hostname and scheme == "mysql":
+            raise ConfigError(f"{flag}: {redact_url(url)!r} needs a host")
+        if not parts.path.strip("/"):
+            raise ConfigError(
+                f"{flag}: {redact_url(url)!r} needs a database name, e.g. "
+                f"{scheme}://user:pass@host:port/ncps"
+            )
+        return
     raise ConfigError(
-        f"--cache-database-url: unsupported database {url!r} (supported: "
-        "sqlite:/path/to/file)"
+        f"{flag}: unsupported database {redact_url(url)!r} (supported: "
+        "sqlite:/path/to/file, postgresql://user:pass@host:port/db, "
+        "mysql://user:pass@host:port/db)"
     )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def _check_upstream_url(url: str) -> str:

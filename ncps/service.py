@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
 from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -22,14 +21,13 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from ncps.backend import S3_THREADS, db_threads, open_database, open_store
 from ncps.cache import Cache
 from ncps.config import Config
-from ncps.db import engine as db_engine
 from ncps.db.queries import Database, get_config_thd, put_config_if_absent_thd
 from ncps.errors import StartupError, exit_on_startup_error
 from ncps.logs import ncps_observer
 from ncps.signing import KeyFormatError, SecretKey, TrustedKeys
-from ncps.storage.local import LocalStore
 from ncps.threads import Runner, ThreadPoolService
 from ncps.upstream import HEALTH_INTERVAL, UpstreamPool
 from ncps.web import CacheServer, QuietSite
@@ -114,21 +112,22 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     """Build the whole ncps service tree for ``config`` on ``reactor``."""
     root = SequentialMultiService()
 
+    backend = config.backend
     cpus = os.cpu_count() or 2
-    db_pool = ThreadPoolService("db", max_threads=4)
+    db_pool = ThreadPoolService("db", max_threads=db_threads(backend))
     io_pool = ThreadPoolService("io", max_threads=max(4, cpus * 2))
     db_pool.setServiceParent(root)
     io_pool.setServiceParent(root)
 
-    store = LocalStore(config.storage_local, config.temp_path)
-    store.prepare_thd()
+    store = open_store(backend)
+    store_pool = io_pool
+    if store.pool_name == "s3":
+        store_pool = ThreadPoolService("s3", max_threads=S3_THREADS)
+        store_pool.setServiceParent(root)
 
-    try:
-        engine = db_engine.open_engine(config.database_url)
-        before, after = db_engine.migrate(engine)
-    except SQLAlchemyError as e:
-        first = str(e).splitlines()[0]
-        raise StartupError(f"--cache-database-url: {first}") from None
+    engine, revisions = open_database(backend)
+    assert revisions is not None
+    before, after = revisions
     if before != after:
         log.info(
             "database schema migrated from {before} to {after}",
@@ -174,6 +173,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         trusted=trusted,
         signer=key if config.sign_narinfo else None,
         io=Runner(reactor, io_pool.pool),
+        store_io=Runner(reactor, store_pool.pool),
     )
     server = CacheServer(
         reactor,
@@ -188,8 +188,10 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     listener = ListenerService(strports.service(endpoint, site, reactor=reactor), addr)
     listener.setServiceParent(root)
     log.info(
-        "ncps {hostname} will listen on {addr}",
+        "ncps {hostname} will listen on {addr} ({kind} storage, {db} database)",
         hostname=config.hostname,
         addr=f"{config.listen_host}:{config.listen_port}",
+        kind=store.kind,
+        db=engine.dialect.name,
     )
     return root

@@ -14,15 +14,19 @@ round trip through a pool per piece would cost more than the read.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from ncps.download import NarDownload
 from ncps.logs import ncps_observer
+from ncps.storage.base import StoredNar
 
 log = Logger(observer=ncps_observer)
 
@@ -144,3 +148,122 @@ class FileStreamer:
             self._download.unsubscribe(self._wake)
         os.close(self._fd)
         self._done.callback(None)
+
+
+# Remote objects are read in pieces this big, one read in flight at a time.
+OBJECT_CHUNK = 1 << 20
+
+
+@implementer(IPushProducer)
+class ObjectStreamer:
+    """Streams a committed remote object (S3) to ``request``.
+
+    Reads run on the store's pool (``run(fn, *args)`` returns a Deferred), one
+    at a time, and only while the transport wants more: a slow client slows
+    the reads, and at most one piece is held in memory.  If a read fails or
+    the object ends before ``stored.size`` bytes, the connection is aborted
+    so the client sees an error, never a short NAR.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        stored: StoredNar,
+        run: Callable[..., Deferred[Any]],
+    ) -> None:
+        self._request = request
+        self._stored = stored
+        self._run = run
+        self._offset = 0
+        self._paused = False
+        self._stopped = False
+        self._reading = False
+        self._closed = False
+        self._done: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._read_next()
+        return self._done
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._read_next()
+
+    def stopProducing(self) -> None:
+        self._stop()
+
+    def _read_next(self) -> None:
+        if self._reading or self._paused or self._stopped:
+            return
+        self._reading = True
+        want = min(OBJECT_CHUNK, self._stored.size - self._offset)
+        if want <= 0:
+            want = 1  # expect b"": proves the object ends where it should
+        self._run(self._stored.read_thd, want).addCallbacks(self._got, self._failed)
+
+    def _got(self, data: bytes) -> None:
+        self._reading = False
+        if self._stopped:
+            self._close()
+            return
+        if not data:
+            if self._offset == self._stored.size:
+                self._stop()
+                self._request.unregisterProducer()
+                self._request.finish()
+            else:
+                log.error(
+                    "stored NAR ended at {offset} of {size} bytes",
+                    offset=self._offset,
+                    size=self._stored.size,
+                )
+                self._abort()
+            return
+        self._offset += len(data)
+        if self._offset > self._stored.size:
+            log.error("stored NAR is longer than {size} bytes", size=self._stored.size)
+            self._abort()
+            return
+        self._request.write(data)
+        self._read_next()
+
+    def _failed(self, failure: Failure) -> None:
+        self._reading = False
+        if not self._stopped:
+            log.warn(
+                "reading a stored NAR failed at {offset}: {why}",
+                offset=self._offset,
+                why=failure.getErrorMessage(),
+            )
+            self._abort()
+        else:
+            self._close()
+
+    def _abort(self) -> None:
+        self._stop()
+        transport = self._request.channel.transport if self._request.channel else None
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if not self._reading:
+            self._close()
+        self._done.callback(None)
+
+    def _close(self) -> None:
+        """Release the object once no read is in flight (never concurrently)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._run(self._stored.close_thd).addErrback(
+            lambda f: log.warn("closing a stored NAR: {why}", why=f.getErrorMessage())
+        )

@@ -22,11 +22,17 @@ from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
 from ncps.cache import Cache, NarBody
-from ncps.errors import IntegrityError, NotFound, UpstreamError
+from ncps.errors import (
+    DatabaseUnavailable,
+    IntegrityError,
+    NotFound,
+    StorageError,
+    UpstreamError,
+)
 from ncps.logs import ncps_observer
 from ncps.signing import PublicKey
-from ncps.storage.local import EXTENSION_COMPRESSIONS
-from ncps.streaming import FileStreamer
+from ncps.storage.base import EXTENSION_COMPRESSIONS
+from ncps.streaming import FileStreamer, ObjectStreamer
 
 log = Logger(observer=ncps_observer)
 
@@ -147,6 +153,19 @@ class CacheServer:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Bad Gateway\n"
 
+    @app.handle_errors(StorageError, DatabaseUnavailable)
+    def unavailable(self, request: IRequest, failure: Failure) -> bytes:
+        log.warn(
+            "{method} {uri}: {why}",
+            method=request.method,
+            uri=request.uri,
+            why=failure.getErrorMessage(),
+        )
+        request.setResponseCode(503)
+        request.setHeader(b"Retry-After", b"5")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"Service Unavailable\n"
+
 
 @implementer(IResource)
 class NarResource(Resource):
@@ -161,11 +180,17 @@ class NarResource(Resource):
 
     def render_GET(self, request: server.Request) -> Any:
         request.setHeader(b"Content-Type", NAR_TYPE)
-        if self._body.size is not None:
-            request.setHeader(b"Content-Length", b"%d" % self._body.size)
-        FileStreamer(
-            self._clock, request, self._body.fd, self._body.size, self._body.download
-        ).start()
+        body = self._body
+        if body.size is not None:
+            request.setHeader(b"Content-Length", b"%d" % body.size)
+        if body.stored is not None:
+            assert body.reader is not None
+            ObjectStreamer(request, body.stored, body.reader.run).start()
+        else:
+            assert body.fd is not None
+            FileStreamer(
+                self._clock, request, body.fd, body.size, body.download
+            ).start()
         return server.NOT_DONE_YET
 
 

@@ -15,28 +15,62 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.pool import QueuePool
 
 from ncps.errors import StartupError
 
 
-def sqlalchemy_url(url: str) -> tuple[str, Path | None]:
-    """Turn an ncps database URL into a SQLAlchemy URL (and the SQLite file)."""
+def sqlalchemy_url(url: str) -> tuple[URL, Path | None]:
+    """Turn an ncps database URL into a SQLAlchemy URL (and the SQLite file).
+
+    ``postgres://``/``postgresql://`` use psycopg2 and ``mysql://`` PyMySQL
+    (MariaDB included), whatever driver the URL names.
+    """
     scheme, _, rest = url.partition(":")
-    if scheme.lower() in ("sqlite", "sqlite3"):
+    scheme = scheme.lower().split("+", 1)[0]
+    if scheme in ("sqlite", "sqlite3"):
         path = rest[2:] if rest.startswith("//") else rest
         path = path.split("?", 1)[0]
         file = Path(path).expanduser().absolute()
-        return f"sqlite+pysqlite:///{file}", file
+        return make_url(f"sqlite+pysqlite:///{file}"), file
+    if scheme in ("postgres", "postgresql"):
+        return make_url("postgresql" + url[url.index(":") :]).set(
+            drivername="postgresql+psycopg2"
+        ), None
+    if scheme == "mysql":
+        sa = make_url(url).set(drivername="mysql+pymysql")
+        if "charset" not in sa.query:
+            sa = sa.update_query_dict({"charset": "utf8mb4"})
+        return sa, None
     raise StartupError(f"--cache-database-url: unsupported database {url!r}")
 
 
-def open_engine(url: str, pool_size: int = 4) -> Engine:
-    """Create the engine for ``url``, creating an SQLite file's directory."""
+def open_engine(url: str, max_open: int = 4, max_idle: int = 4) -> Engine:
+    """Create the engine for ``url``, creating an SQLite file's directory.
+
+    Server databases get a pool of ``max_idle`` kept connections plus up to
+    ``max_open - max_idle`` more, each checked before use, so a database that
+    restarted is reconnected to instead of failing the next query.
+    """
     sa_url, sqlite_file = sqlalchemy_url(url)
-    if sqlite_file is None:  # pragma: no cover - other dialects come later
-        return create_engine(sa_url, pool_pre_ping=True)
+    if sqlite_file is None:
+        connect_args: dict[str, Any] = {"connect_timeout": 5}
+        if sa_url.get_backend_name() == "mysql":
+            connect_args.update(read_timeout=60, write_timeout=60)
+        else:
+            connect_args["application_name"] = "ncps"
+        return create_engine(
+            sa_url,
+            pool_size=max_idle,
+            max_overflow=max(0, max_open - max_idle),
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            pool_timeout=30,
+            connect_args=connect_args,
+            # Fewer gap locks (and deadlocks) on MySQL; PostgreSQL's default.
+            isolation_level="READ COMMITTED",
+        )
     try:
         sqlite_file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -46,7 +80,7 @@ def open_engine(url: str, pool_size: int = 4) -> Engine:
     engine = create_engine(
         sa_url,
         poolclass=QueuePool,
-        pool_size=pool_size,
+        pool_size=min(max_open, 4),
         max_overflow=0,
         connect_args={"check_same_thread": False, "timeout": 30},
     )

@@ -8,19 +8,38 @@ Deferred-returning method for the reactor thread.
 from __future__ import annotations
 
 import datetime
+import sqlite3
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import attrs
 from sqlalchemy import Connection, Engine, Row, and_, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from twisted.logger import Logger
 
 from ncps.db.schema import config, nar_files, narinfos
+from ncps.errors import DatabaseUnavailable
+from ncps.logs import ncps_observer
 from ncps.narinfo import NarInfo
 from ncps.nixhash import NixHash, parse_hash
 from ncps.threads import Runner
 
 T = TypeVar("T")
+
+log = Logger(observer=ncps_observer)
+
+# A transaction failing with a transient error is retried this many times in
+# all, sleeping 50 ms, 100 ms, 200 ms... (on the db pool thread) in between.
+RETRY_ATTEMPTS = 5
+RETRY_FIRST_DELAY = 0.05
+
+# SQLSTATEs worth retrying: serialization failure, deadlock, lock not
+# available, too many connections, server shutting down or starting.
+_PG_TRANSIENT = {"40001", "40P01", "55P03", "53300", "57P01", "57P02", "57P03"}
+# MySQL/MariaDB errors worth retrying: lock wait timeout, deadlock, too many
+# connections, server shutdown, cannot connect, gone away, lost connection.
+_MYSQL_TRANSIENT = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
 
 # Last-access times are refreshed at most this often, to keep reads read-only.
 TOUCH_INTERVAL = datetime.timedelta(minutes=5)
@@ -212,6 +231,28 @@ def set_config_thd(conn: Connection, key: str, value: str) -> None:
         )
 
 
+def is_transient(error: DBAPIError) -> bool:
+    """Whether retrying the transaction may succeed: a lost connection, a
+    deadlock, a busy SQLite file, a server restarting."""
+    if error.connection_invalidated:
+        return True
+    orig = error.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        message = str(orig).lower()
+        return "locked" in message or "busy" in message
+    pgcode = getattr(orig, "pgcode", None)
+    if pgcode is not None:
+        return pgcode in _PG_TRANSIENT or str(pgcode).startswith("08")
+    module = type(orig).__module__
+    if module.startswith("psycopg2"):
+        # Connection-level failures (refused, closed, reset) carry no SQLSTATE.
+        return isinstance(error, OperationalError | InterfaceError)
+    if module.startswith("pymysql"):
+        args: tuple[object, ...] = tuple(getattr(orig, "args", ()))
+        return len(args) > 0 and args[0] in _MYSQL_TRANSIENT
+    return False
+
+
 class Database:
     """Async access to the metadata database.
 
@@ -224,9 +265,32 @@ class Database:
         self._runner = runner
 
     def call_thd(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(conn, *args)`` in one transaction (on the calling thread)."""
-        with self.engine.begin() as conn:
-            return fn(conn, *args)
+        """Run ``fn(conn, *args)`` in one transaction (on the calling thread).
+
+        A transient failure rolls the transaction back and runs it again, up
+        to :data:`RETRY_ATTEMPTS` times (every ``fn`` is safe to repeat).  A
+        database that stays unreachable raises :class:`DatabaseUnavailable`.
+        """
+        delay = RETRY_FIRST_DELAY
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn, *args)
+            except DBAPIError as e:
+                if isinstance(e, IntegrityError):
+                    raise
+                transient = is_transient(e)
+                if transient and attempt < RETRY_ATTEMPTS:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                if transient or isinstance(e, OperationalError | InterfaceError):
+                    reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+                    raise DatabaseUnavailable(
+                        f"database unavailable after {attempt} attempt(s): {reason}"
+                    ) from e
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _run(self, fn: Callable[..., T], *args: object):  # type: ignore[no-untyped-def]
         return self._runner.run(self.call_thd, fn, *args)

@@ -19,6 +19,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects import mysql
+
+# Text that may exceed 64 KiB (a store path with thousands of references):
+# MySQL's TEXT stops there, so it gets MEDIUMTEXT (16 MiB).
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 
 metadata = MetaData(
     naming_convention={
@@ -56,11 +61,11 @@ narinfos = Table(
     Column("file_size", BigInteger, nullable=True),
     Column("nar_hash", String(160), nullable=False),
     Column("nar_size", BigInteger, nullable=False),
-    Column("refs", Text, nullable=False),
+    Column("refs", LongText, nullable=False),
     Column("deriver", Text, nullable=True),
     Column("system", String(64), nullable=True),
     Column("ca", Text, nullable=True),
-    Column("signatures", Text, nullable=False),
+    Column("signatures", LongText, nullable=False),
     Column("nar_key", String(64), nullable=False),
     Column("upstream_url", Text, nullable=False),
     Column("created_at", DateTime, nullable=False),

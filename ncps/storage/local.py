@@ -16,29 +16,31 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from ncps.errors import StartupError
+from ncps.storage.base import (
+    COMPRESSION_EXTENSIONS,
+    EXTENSION_COMPRESSIONS,
+    nar_file_name,
+    nar_object_key,
+    parse_nar_object_key,
+)
 
-COMPRESSION_EXTENSIONS: dict[str, str] = {
-    "none": "",
-    "xz": ".xz",
-    "zstd": ".zst",
-    "bzip2": ".bz2",
-    "br": ".br",
-    "lz4": ".lz4",
-    "lzip": ".lzip",
-}
-EXTENSION_COMPRESSIONS = {ext: c for c, ext in COMPRESSION_EXTENSIONS.items()}
-
-
-def nar_file_name(nar_key: str, compression: str) -> str:
-    """``<key>.nar[.ext]``, the name used in URLs and on disk."""
-    return f"{nar_key}.nar{COMPRESSION_EXTENSIONS[compression]}"
+__all__ = [
+    "COMPRESSION_EXTENSIONS",
+    "EXTENSION_COMPRESSIONS",
+    "LocalStore",
+    "nar_file_name",
+]
 
 
 class LocalStore:
     """The NAR store on a local directory tree."""
+
+    kind = "local"
+    pool_name = "io"
 
     def __init__(self, root: Path, temp_dir: Path) -> None:
         self.root = root
@@ -65,12 +67,40 @@ class LocalStore:
 
     def nar_path(self, nar_key: str, compression: str) -> Path:
         """Where the committed object lives (whether or not it exists)."""
-        return (
-            self.nar_root
-            / nar_key[0]
-            / nar_key[:2]
-            / nar_file_name(nar_key, compression)
-        )
+        return self.root / nar_object_key(nar_key, compression)
+
+    def open_fd(self, nar_key: str, compression: str) -> int | None:
+        """A read-only descriptor of the committed object, None if missing.
+
+        Cheap enough for the reactor thread (an open of a local file).
+        """
+        try:
+            return os.open(self.nar_path(nar_key, compression), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+
+    def open_thd(self, nar_key: str, compression: str) -> LocalNar | None:
+        fd = self.open_fd(nar_key, compression)
+        return None if fd is None else LocalNar(fd)
+
+    def delete_thd(self, nar_key: str, compression: str) -> None:
+        try:
+            os.unlink(self.nar_path(nar_key, compression))
+        except FileNotFoundError:
+            pass
+
+    def iter_objects_thd(self) -> Iterator[tuple[str, str, int]]:
+        for dirpath, _dirs, files in os.walk(self.nar_root):
+            for name in sorted(files):
+                path = Path(dirpath) / name
+                parsed = parse_nar_object_key(str(path.relative_to(self.root)))
+                if parsed is None:
+                    continue
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                yield parsed[0], parsed[1], size
 
     def new_temp_file_thd(self, nar_key: str) -> tuple[int, Path]:
         """A fresh, exclusively created temp file: (fd, path)."""
@@ -86,7 +116,7 @@ class LocalStore:
         except FileNotFoundError:
             return None
 
-    def commit_thd(self, temp_path: Path, nar_key: str, compression: str) -> Path:
+    def commit_thd(self, temp_path: Path, nar_key: str, compression: str) -> None:
         """Atomically move a whole, verified, fsynced temp file into place."""
         final = self.nar_path(nar_key, compression)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +137,6 @@ class LocalStore:
             os.replace(staged, final)
             os.unlink(temp_path)
         _fsync_dir(final.parent)
-        return final
 
     def discard_thd(self, temp_path: Path) -> None:
         """Remove a temp file that will never be committed."""
@@ -115,6 +144,26 @@ class LocalStore:
             os.unlink(temp_path)
         except FileNotFoundError:
             pass
+
+
+class LocalNar:
+    """A committed local object opened for reading (owns its descriptor)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        self.size = os.fstat(fd).st_size
+        self._offset = 0
+
+    def read_thd(self, n: int) -> bytes:
+        assert self.fd is not None, "closed"
+        data = os.pread(self.fd, n, self._offset)
+        self._offset += len(data)
+        return data
+
+    def close_thd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -87,7 +87,7 @@ def cases(tmp: Path) -> list[Case]:
             "cache.storage.local",
             str(tmp / "sx"),
             str(tmp / "sy"),
-            lambda c: c.storage_local,
+            lambda c: c.backend.storage_local,
             Path,
         ),
         Case(
@@ -96,7 +96,7 @@ def cases(tmp: Path) -> list[Case]:
             "cache.database-url",
             f"sqlite:{tmp}/x.db",
             f"sqlite:{tmp}/y.db",
-            lambda c: c.database_url,
+            lambda c: c.backend.database_url,
         ),
         Case(
             "cache-temp-path",
@@ -104,7 +104,7 @@ def cases(tmp: Path) -> list[Case]:
             "cache.temp-path",
             str(tmp / "tx"),
             str(tmp / "ty"),
-            lambda c: c.temp_path,
+            lambda c: c.backend.temp_path,
             Path,
         ),
         Case(
@@ -274,9 +274,9 @@ def test_env_lists_are_comma_separated(tmp_path: Path, environ: dict[str, str]) 
 def test_defaults(tmp_path: Path, environ: dict[str, str]) -> None:
     config = load_config(base_flags(tmp_path), environ)
     storage = tmp_path / "storage"
-    assert config.storage_local == storage
-    assert config.database_url == f"sqlite:{storage}/db/ncps.sqlite3"
-    assert config.temp_path == storage / "store" / "tmp"
+    assert config.backend.storage_local == storage
+    assert config.backend.database_url == f"sqlite:{storage}/db/ncps.sqlite3"
+    assert config.backend.temp_path == storage / "store" / "tmp"
     assert config.dialer_timeout == 3.0
     assert config.response_header_timeout == 3.0
     assert (config.listen_host, config.listen_port) == ("", 8501)
@@ -341,7 +341,7 @@ def test_config_file_formats_with_nested_keys(
     flags = {"cache-storage-local": str(tmp_path / "storage")}
     config = load_config(flags, environ, str(path))
     assert config.hostname == "file.example"
-    assert config.database_url == "sqlite:/srv/ncps/db.sqlite3"
+    assert config.backend.database_url == "sqlite:/srv/ncps/db.sqlite3"
     assert config.upstream_urls == ("https://u1.example", "https://u2.example")
     assert [k.to_text() for k in config.upstream_public_keys] == [KEY_A, KEY_B]
     assert config.dialer_timeout == 5.0
@@ -449,10 +449,59 @@ def _error(
         ({"server_addr": ":70000"}, (), "--server-addr: "),
         ({"log_level": "loud"}, (), "--log-level: "),
         (
-            {"cache_database_url": "postgres://db.example/ncps"},
+            {"cache_database_url": "mongodb://db.example/ncps"},
             (),
             "--cache-database-url: unsupported",
         ),
+        (
+            {"cache_database_url": "postgresql://u:secret@db.example:5432/"},
+            (),
+            "--cache-database-url: 'postgresql://u:***@db.example:5432/' needs a "
+            "database name",
+        ),
+        (
+            {"cache_database_url": "mysql://u@db.example:port/ncps"},
+            (),
+            "--cache-database-url: ",
+        ),
+        (
+            {"cache_storage_s3_bucket": "b"},
+            (),
+            "--cache-storage-local: give either local storage or S3 storage",
+        ),
+        (
+            {
+                "cache_storage_s3_bucket": "b",
+                "cache_storage_s3_endpoint": "http://127.0.0.1:9000",
+                "cache_database_url": "postgresql://db.example/ncps",
+            },
+            ("cache-storage-local",),
+            "--cache-storage-s3-access-key-id: required with S3 storage",
+        ),
+        (
+            {
+                "cache_storage_s3_bucket": "b",
+                "cache_storage_s3_endpoint": "127.0.0.1:9000",
+                "cache_storage_s3_access_key_id": "k",
+                "cache_storage_s3_secret_access_key": "s",
+                "cache_database_url": "postgresql://db.example/ncps",
+            },
+            ("cache-storage-local",),
+            "--cache-storage-s3-endpoint: '127.0.0.1:9000' must be an http",
+        ),
+        (
+            {
+                "cache_storage_s3_bucket": "b",
+                "cache_storage_s3_endpoint": "http://127.0.0.1:9000",
+                "cache_storage_s3_access_key_id": "k",
+                "cache_storage_s3_secret_access_key": "s",
+            },
+            ("cache-storage-local",),
+            "--cache-database-url: required with S3 storage",
+        ),
+        ({}, ("cache-storage-local",), "--cache-storage-local: required"),
+        ({"cache_database_pool_max_open_conns": "many"}, (), "--cache-database-pool"),
+        ({"cache_database_pool_max_idle_conns": "-1"}, (), "--cache-database-pool"),
         ({"cache_database_url": "sqlite::memory:"}, (), "--cache-database-url: "),
         (
             {"cache_secret_key_path": "/nonexistent/ncps.sk"},
@@ -511,3 +560,38 @@ def test_unparsable_config_file(
 def test_missing_config_file(tmp_path: Path, environ: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=r"^--config: cannot read"):
         load_config(base_flags(tmp_path), environ, str(tmp_path / "absent.yaml"))
+
+
+def test_s3_storage_settings(tmp_path: Path, environ: dict[str, str]) -> None:
+    flags = base_flags(tmp_path)
+    del flags["cache-storage-local"]
+    environ.update(
+        CACHE_STORAGE_S3_BUCKET="nars",
+        CACHE_STORAGE_S3_ENDPOINT="http://127.0.0.1:9000/",
+        CACHE_STORAGE_S3_ACCESS_KEY_ID="key",
+        CACHE_STORAGE_S3_SECRET_ACCESS_KEY="secret",
+        CACHE_STORAGE_S3_FORCE_PATH_STYLE="true",
+        CACHE_DATABASE_URL="postgres://ncps:pw@127.0.0.1:5432/ncps",
+        CACHE_DATABASE_POOL_MAX_OPEN_CONNS="10",
+        CACHE_DATABASE_POOL_MAX_IDLE_CONNS="20",
+    )
+    backend = load_config(flags, environ).backend
+    assert backend.storage_local is None
+    s3 = backend.storage_s3
+    assert s3 is not None
+    assert (s3.bucket, s3.endpoint, s3.region) == (
+        "nars",
+        "http://127.0.0.1:9000",
+        None,
+    )
+    assert (s3.access_key_id, s3.secret_access_key) == ("key", "secret")
+    assert s3.force_path_style is True
+    assert "secret" not in repr(s3)
+    # Idle connections are capped by the open ones.
+    assert (backend.pool_max_open, backend.pool_max_idle) == (10, 10)
+    assert backend.temp_path.name == "ncps"
+
+
+def test_pool_defaults(tmp_path: Path, environ: dict[str, str]) -> None:
+    backend = load_config(base_flags(tmp_path), environ).backend
+    assert (backend.pool_max_open, backend.pool_max_idle) == (25, 5)
