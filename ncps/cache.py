@@ -141,6 +141,18 @@ class Cache:
             self._rendered.popitem(last=False)
         return body
 
+    def on_event(self, kind: str, arg: str) -> None:
+        """Another instance sharing the database changed it (``ncps.db.notify``).
+
+        Stored narinfos never change today, but one another instance stores
+        or replaces must not be answered from a stale memory copy here; after
+        an outage of the notification channel nothing is known, so forget all.
+        """
+        if kind == "narinfo":
+            self._rendered.pop(arg, None)
+        elif kind == "resync":
+            self._rendered.clear()
+
     def render(self, record: NarInfoRecord) -> bytes:
         """The narinfo text we serve, signed with our key if signing is on."""
         ni = record.narinfo

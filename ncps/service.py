@@ -12,6 +12,7 @@ database engine disposed once its pool is idle.
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 from twisted.application import strports
@@ -24,6 +25,7 @@ from twisted.logger import Logger
 from ncps.backend import S3_THREADS, db_threads, open_database, open_store
 from ncps.cache import Cache
 from ncps.config import Config
+from ncps.db.notify import Events, PostgresListener
 from ncps.db.queries import Database, get_config_thd, put_config_if_absent_thd
 from ncps.errors import StartupError, exit_on_startup_error
 from ncps.logs import ncps_observer
@@ -134,7 +136,11 @@ def build_service(config: Config, reactor: Any) -> MultiService:
             before=before or "empty",
             after=after,
         )
-    db = Database(engine, Runner(reactor, db_pool.pool))
+    events = Events(uuid.uuid4().hex[:12])
+    db = Database(engine, Runner(reactor, db_pool.pool), origin=events.origin)
+    if engine.dialect.name == "postgresql":
+        # Other instances sharing the database announce what they stored.
+        PostgresListener(reactor, backend.database_url, events).setServiceParent(root)
     _Hook(lambda: engine.dispose()).setServiceParent(root)
 
     key = load_signing_key_thd(db, config)
@@ -175,6 +181,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         io=Runner(reactor, io_pool.pool),
         store_io=Runner(reactor, store_pool.pool),
     )
+    events.subscribe(cache.on_event)
     server = CacheServer(
         reactor,
         cache,

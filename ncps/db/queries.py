@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, Row, and_, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from twisted.logger import Logger
 
+from ncps.db.notify import notify_thd
 from ncps.db.schema import config, nar_files, narinfos
 from ncps.errors import DatabaseUnavailable
 from ncps.logs import ncps_observer
@@ -260,9 +261,13 @@ class Database:
     tree.  Every method returns a Deferred that fires on the reactor thread.
     """
 
-    def __init__(self, engine: Engine, runner: Runner) -> None:
+    def __init__(self, engine: Engine, runner: Runner, origin: str = "") -> None:
+        """``origin`` names this instance in change notifications (PostgreSQL
+        tells other instances sharing the database; see ``ncps.db.notify``);
+        empty: no notifications."""
         self.engine = engine
         self._runner = runner
+        self._origin = origin
 
     def call_thd(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(conn, *args)`` in one transaction (on the calling thread).
@@ -299,7 +304,15 @@ class Database:
         return self._run(get_narinfo_thd, hash_part)
 
     def put_narinfo(self, record: NarInfoRecord):  # type: ignore[no-untyped-def]
-        return self._run(put_narinfo_thd, record)
+        return self._run(self._put_narinfo_thd, record)
+
+    def _put_narinfo_thd(
+        self, conn: Connection, record: NarInfoRecord
+    ) -> NarInfoRecord:
+        stored = put_narinfo_thd(conn, record)
+        if self._origin:
+            notify_thd(conn, self._origin, "narinfo", record.narinfo.hash_part)
+        return stored
 
     def touch_narinfo(self, hash_part: str):  # type: ignore[no-untyped-def]
         return self._run(touch_narinfo_thd, hash_part)
@@ -311,4 +324,9 @@ class Database:
         return self._run(get_nar_file_thd, nar_key, compression)
 
     def put_nar_file(self, nar: NarFile):  # type: ignore[no-untyped-def]
-        return self._run(put_nar_file_thd, nar)
+        return self._run(self._put_nar_file_thd, nar)
+
+    def _put_nar_file_thd(self, conn: Connection, nar: NarFile) -> None:
+        put_nar_file_thd(conn, nar)
+        if self._origin:
+            notify_thd(conn, self._origin, "nar", f"{nar.nar_key}:{nar.compression}")

@@ -25,7 +25,7 @@ if str(HERE) not in sys.path:  # also works under --import-mode=importlib
     sys.path.insert(0, str(HERE))
 
 from build_fixture import build_fixture  # noqa: E402
-from e2e_harness import Ncps, UpstreamServer, remove_tree  # noqa: E402
+from e2e_harness import Backend, Ncps, UpstreamServer, remove_tree  # noqa: E402
 from e2e_nix import Fixture, NixClient  # noqa: E402
 
 
@@ -77,21 +77,47 @@ def upstream_factory(
         server.stop()
 
 
+# Every test using ncps_factory runs once per backend pair the issue names:
+# storage and database as a home lab, a team and a MariaDB shop run them.
+BACKENDS = ("sqlite-local", "postgres-s3", "mariadb-local")
+
+
+@pytest.fixture(params=BACKENDS)
+def e2e_backend_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
 def ncps_factory(
-    tmp_path: Path, nix_fixture: Fixture, request: pytest.FixtureRequest
+    tmp_path: Path,
+    nix_fixture: Fixture,
+    request: pytest.FixtureRequest,
+    e2e_backend_name: str,
 ) -> Iterator[Callable[..., Ncps]]:
-    """``start(upstreams, storage=None, keys=None, extra_args=())`` -> a running daemon.
+    """``start(upstreams, keys=None, extra_args=())`` -> a running daemon.
 
     ``upstreams`` is one UpstreamServer/URL or a list; ``keys`` defaults to the
-    fixture's upstream public key; ``storage`` defaults to a fresh directory.
+    fixture's upstream public key.  Each daemon gets a fresh backend of the
+    kind ``e2e_backend_name`` names (a new bucket and database on the shared
+    servers, or a new directory).
     """
     daemons: list[Ncps] = []
     request.node.e2e_daemons = daemons
 
+    def new_backend(storage: Path) -> Backend:
+        if e2e_backend_name == "postgres-s3":
+            s3 = request.getfixturevalue("s3_server")
+            pg = request.getfixturevalue("postgres_server")
+            return Backend(
+                e2e_backend_name, storage, pg.new_database(), s3, s3.new_bucket()
+            )
+        if e2e_backend_name == "mariadb-local":
+            db = request.getfixturevalue("mariadb_server")
+            return Backend(e2e_backend_name, storage, db.new_database())
+        return Backend(e2e_backend_name, storage)
+
     def start(
         upstreams: UpstreamServer | str | Sequence[UpstreamServer | str],
-        storage: Path | None = None,
         keys: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
     ) -> Ncps:
@@ -101,7 +127,7 @@ def ncps_factory(
         n = len(daemons)
         daemon = Ncps(
             tmp_path / f"ncps-{n}",
-            storage if storage is not None else tmp_path / f"ncps-{n}" / "storage",
+            new_backend(tmp_path / f"ncps-{n}" / "storage"),
             urls,
             [nix_fixture.upstream_pubkey] if keys is None else keys,
             extra_args,

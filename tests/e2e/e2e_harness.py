@@ -14,14 +14,14 @@ import shlex
 import shutil
 import signal
 import socket
-import sqlite3
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from e2e_nix import compression_of_file, decode_nar, parse_narinfo
 
@@ -241,20 +241,105 @@ def daemon_command() -> list[str]:
     )
 
 
+class Backend:
+    """Where a daemon keeps its NARs and metadata: flags, and a look inside.
+
+    ``storage`` is a local directory (also the SQLite file's home) or, with
+    ``s3`` set, an S3 bucket; ``database_url`` None means the default SQLite
+    file under ``storage``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        storage: Path,
+        database_url: str | None = None,
+        s3: Any = None,
+        bucket: str | None = None,
+    ) -> None:
+        self.name = name
+        self.storage = storage
+        self.database_url = database_url
+        self.s3 = s3  # tests/servers.py S3Server
+        self.bucket = bucket
+
+    def flags(self) -> list[str]:
+        if self.s3 is not None:
+            flags = [
+                f"--cache-storage-s3-bucket={self.bucket}",
+                f"--cache-storage-s3-endpoint={self.s3.endpoint}",
+                f"--cache-storage-s3-region={self.s3.region}",
+                f"--cache-storage-s3-access-key-id={self.s3.access_key_id}",
+                f"--cache-storage-s3-secret-access-key={self.s3.secret_access_key}",
+                "--cache-storage-s3-force-path-style=true",
+                f"--cache-temp-path={self.storage / 'tmp'}",
+            ]
+        else:
+            flags = [f"--cache-storage-local={self.storage}"]
+        if self.database_url is not None:
+            flags.append(f"--cache-database-url={self.database_url}")
+        return flags
+
+    def sqlalchemy_url(self) -> str:
+        from ncps.db.engine import sqlalchemy_url
+
+        url = self.database_url or f"sqlite:{self.storage}/db/ncps.sqlite3"
+        return sqlalchemy_url(url)[0].render_as_string(hide_password=False)
+
+    def db_rows(self, table: str) -> list[dict]:
+        """All rows of ``table`` (an empty list before the schema exists)."""
+        import sqlalchemy
+
+        if self.database_url is None:
+            db_file = self.storage / "db" / "ncps.sqlite3"
+            assert db_file.exists(), f"no database at {db_file}"
+        engine = sqlalchemy.create_engine(
+            self.sqlalchemy_url(), poolclass=sqlalchemy.pool.NullPool
+        )
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(sqlalchemy.text(f"SELECT * FROM {table}"))
+                return [dict(r._mapping) for r in rows]
+        finally:
+            engine.dispose()
+
+    def object_keys(self) -> list[str]:
+        """Keys (``store/nar/...``) of the committed NAR objects."""
+        if self.s3 is not None:
+            client = self.s3.client()
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix="store/nar/"
+            )
+            return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+        root = self.storage / "store" / "nar"
+        if not root.exists():
+            return []
+        return sorted(
+            str(p.relative_to(self.storage)) for p in root.rglob("*") if p.is_file()
+        )
+
+    def read_object(self, key: str) -> bytes:
+        if self.s3 is not None:
+            body = self.s3.client().get_object(Bucket=self.bucket, Key=key)["Body"]
+            return bytes(body.read())
+        return (self.storage / key).read_bytes()
+
+
 class Ncps:
     """The ncps daemon (``python -m twisted ncps``) in a subprocess."""
 
     def __init__(
         self,
         workdir: Path,
-        storage: Path,
+        backend: Backend,
         upstream_urls: Sequence[str],
         upstream_keys: Sequence[str],
         extra_args: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.storage = storage
+        self.backend = backend
+        self.storage = backend.storage
         self.upstream_urls = list(upstream_urls)
         self.upstream_keys = list(upstream_keys)
         self.extra_args = list(extra_args)
@@ -271,7 +356,7 @@ class Ncps:
         cmd = [
             *daemon_command(),
             f"--cache-hostname={PROXY_HOSTNAME}",
-            f"--cache-storage-local={self.storage}",
+            *self.backend.flags(),
             f"--server-addr=127.0.0.1:{self.port}",
             "--cache-upstream-response-header-timeout=3s",
             "--cache-upstream-dialer-timeout=3s",
@@ -361,27 +446,13 @@ class Ncps:
         assert resp.status == 200, f"narinfo {hash_part}: {resp.status} {resp.text!r}"
         return parse_narinfo(resp.text)
 
-    # ---- what landed on disk
-    @property
-    def db_path(self) -> Path:
-        return self.storage / "db" / "ncps.sqlite3"
-
+    # ---- what landed in storage and in the database
     def db_rows(self, table: str) -> list[dict]:
-        """All rows of ``table`` in the default SQLite database (opened read-only)."""
-        assert self.db_path.exists(), f"no database at {self.db_path}"
-        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)
-        try:
-            conn.row_factory = sqlite3.Row
-            return [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]
-        finally:
-            conn.close()
+        return self.backend.db_rows(table)
 
-    def nar_files(self) -> list[Path]:
-        """Committed NAR objects (files under ``<storage>/store/nar``)."""
-        root = self.storage / "store" / "nar"
-        return (
-            sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-        )
+    def nar_files(self) -> list[str]:
+        """Keys (``store/nar/<h0>/<h0h1>/<file>``) of the committed NAR objects."""
+        return self.backend.object_keys()
 
     def log_tail(self, lines: int = 80) -> str:
         return tail(self.log_path, lines)
@@ -390,33 +461,34 @@ class Ncps:
 # --------------------------------------------------------------------------- assertions
 
 
-def committed_nar_digests(daemon: Ncps) -> dict[Path, str]:
+def committed_nar_digests(daemon: Ncps) -> dict[str, str]:
     """SHA-256 (hex) of the NAR inside every committed object, decompressed by its name.
 
     An object that does not even decompress maps to ``"undecodable: <error>"``.
     """
     digests = {}
-    for path in daemon.nar_files():
+    for key in daemon.nar_files():
         try:
-            nar = decode_nar(path.read_bytes(), compression_of_file(path))
-        except Exception as e:  # a truncated xz/zstd stream, say
-            digests[path] = f"undecodable: {e!r}"
+            body = daemon.backend.read_object(key)
+            nar = decode_nar(body, compression_of_file(PurePosixPath(key)))
+        except Exception as e:  # a truncated xz/zstd stream, or gone meanwhile
+            digests[key] = f"undecodable: {e!r}"
         else:
-            digests[path] = hashlib.sha256(nar).hexdigest()
+            digests[key] = hashlib.sha256(nar).hexdigest()
     return digests
 
 
-def wait_for_committed_nar(daemon: Ncps, nar_sha256: str, timeout: float = 30) -> Path:
-    """Poll until an object holding the NAR with this digest is committed; return it."""
+def wait_for_committed_nar(daemon: Ncps, nar_sha256: str, timeout: float = 30) -> str:
+    """Poll until an object holding the NAR with this digest is committed; its key."""
 
-    def find() -> Path | None:
-        for path, digest in committed_nar_digests(daemon).items():
+    def find() -> str | None:
+        for key, digest in committed_nar_digests(daemon).items():
             if digest == nar_sha256:
-                return path
+                return key
         return None
 
     found = wait_until(
-        find, timeout, f"NAR {nar_sha256[:12]} under {daemon.storage}", 0.2
+        find, timeout, f"NAR {nar_sha256[:12]} in {daemon.backend.name}", 0.2
     )
-    assert isinstance(found, Path)
+    assert isinstance(found, str)
     return found

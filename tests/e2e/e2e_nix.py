@@ -8,7 +8,7 @@ import lzma
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import zstandard
 from build_fixture import nix_env
@@ -62,7 +62,7 @@ def decode_nar(body: bytes, compression: str) -> bytes:
     raise AssertionError(f"unexpected compression {compression!r}")
 
 
-def compression_of_file(path: Path) -> str:
+def compression_of_file(path: PurePath) -> str:
     """The compression of a stored NAR, from its name (``.nar``, ``.nar.zst``...)."""
     suffix = path.name.split(".nar", 1)[1] if ".nar" in path.name else ""
     return {"": "none", ".zst": "zstd", ".xz": "xz", ".bz2": "bzip2"}.get(
