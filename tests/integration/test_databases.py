@@ -138,7 +138,7 @@ def test_concurrent_inserts_keep_the_first_writer(db: Database) -> None:
         try:
             barrier.wait()
             results.append(db.call_thd(put_narinfo_thd, record))
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(r,)) for r in records]
