@@ -94,12 +94,12 @@ def ncps_factory(
     request: pytest.FixtureRequest,
     e2e_backend_name: str,
 ) -> Iterator[Callable[..., Ncps]]:
-    """``start(upstreams, keys=None, extra_args=())`` -> a running daemon.
+    """``start(upstreams, keys=None, extra_args=(), backend=None)`` -> a daemon.
 
     ``upstreams`` is one UpstreamServer/URL or a list; ``keys`` defaults to the
-    fixture's upstream public key.  Each daemon gets a fresh backend of the
-    kind ``e2e_backend_name`` names (a new bucket and database on the shared
-    servers, or a new directory).
+    fixture's upstream public key.  Each daemon gets ``backend`` or a fresh
+    one of the kind ``e2e_backend_name`` names (a new bucket and database on
+    the shared servers, or a new directory).
     """
     daemons: list[Ncps] = []
     request.node.e2e_daemons = daemons
@@ -120,6 +120,7 @@ def ncps_factory(
         upstreams: UpstreamServer | str | Sequence[UpstreamServer | str],
         keys: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
+        backend: Backend | None = None,
     ) -> Ncps:
         if isinstance(upstreams, (UpstreamServer, str)):
             upstreams = [upstreams]
@@ -127,7 +128,7 @@ def ncps_factory(
         n = len(daemons)
         daemon = Ncps(
             tmp_path / f"ncps-{n}",
-            new_backend(tmp_path / f"ncps-{n}" / "storage"),
+            backend or new_backend(tmp_path / f"ncps-{n}" / "storage"),
             urls,
             [nix_fixture.upstream_pubkey] if keys is None else keys,
             extra_args,

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -492,3 +493,84 @@ def wait_for_committed_nar(daemon: Ncps, nar_sha256: str, timeout: float = 30) -
     )
     assert isinstance(found, str)
     return found
+
+
+# --------------------------------------------------------------------------- faults
+
+
+class FaultyProxy:
+    """A TCP relay to ``127.0.0.1:target_port`` that a test can break on purpose.
+
+    ``down()`` cuts every relayed connection (RST) and refuses new ones until
+    ``up()``; the server behind it keeps its data, unlike a restarted moto.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+        self._up = True
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                up = self._up
+            if not up:
+                _reset(client)
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), 5)
+            except OSError:
+                _reset(client)
+                continue
+            with self._lock:
+                self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def down(self) -> None:
+        with self._lock:
+            self._up = False
+            conns, self._open = self._open, []
+        for s in conns:
+            _reset(s)
+
+    def up(self) -> None:
+        with self._lock:
+            self._up = True
+
+    def close(self) -> None:
+        self._closed = True
+        self.down()
+        self.listener.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close at once, as a crashed peer would (also waking a relay thread
+    blocked in recv on it, which a bare close() would not)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
