@@ -1,8 +1,9 @@
-"""The ``ncps`` command: ``ncps serve`` (the daemon) and ``ncps migrate``.
+"""The ``ncps`` command: ``ncps serve`` (the daemon), ``ncps migrate``, ``ncps copy``.
 
 ``ncps serve [flags]`` is ``twist ncps [flags]``.  ``ncps migrate`` brings the
 database schema to the newest revision for operators who prefer an explicit
-step (``serve`` also migrates at startup).
+step (``serve`` also migrates at startup).  ``ncps copy`` copies a whole cache
+from one backend to another (see :mod:`ncps.copy`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ USAGE = """usage: ncps <command> [flags]
 commands:
   serve     run the proxy (same as `twist ncps`); `ncps serve --help` lists flags
   migrate   create or upgrade the database schema (`ncps migrate --help`)
+  copy      copy a whole cache to another backend (`ncps copy --help`)
 """
 
 
@@ -113,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if command == "migrate":
         raise SystemExit(migrate(rest))
+    if command == "copy":
+        from ncps.copy import run as copy
+
+        raise SystemExit(copy(rest))
     sys.stderr.write(f"ncps: unknown command {command!r}\n{USAGE}")
     raise SystemExit(2)
 
