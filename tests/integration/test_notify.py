@@ -443,3 +443,49 @@ async def test_listener_started_while_the_database_is_down_connects_later(
     finally:
         await bounded(instance.listener.stopService(), 5)
         engine.dispose()
+
+
+# -- the daemon's own writes
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_writes_announce_narinfos_and_nars(
+    pair: tuple[Instance, Instance, Engine], postgres_url: str
+) -> None:
+    """ncps.db.queries.Database, as the daemon builds it, notifies on commit."""
+    import attrs as _attrs
+
+    from ncps.db.engine import migrate, open_engine
+    from ncps.db.queries import Database, NarFile, NarInfoRecord
+    from ncps.testing import SyncRunner, make_nar_fixture
+
+    a, b, _ = pair
+    engine = open_engine(postgres_url, max_open=2, max_idle=1)
+    try:
+        migrate(engine)
+        db = Database(engine, SyncRunner(), origin=a.events.origin)  # type: ignore[arg-type]
+        fx = make_nar_fixture(seed=7, references=(), deriver=None)
+        record = NarInfoRecord(
+            narinfo=_attrs.evolve(fx.narinfo, url=f"nar/{fx.nar_key}.nar.xz"),
+            nar_key=fx.nar_key,
+            upstream_url="http://up.test/x",
+        )
+        await db.put_narinfo(record)
+        await db.put_nar_file(
+            NarFile(
+                nar_key=fx.nar_key,
+                compression="xz",
+                file_size=1,
+                nar_hash=fx.narinfo.nar_hash,
+                nar_size=fx.narinfo.nar_size,
+            )
+        )
+        hash_part = fx.narinfo.hash_part
+        await wait_for(
+            lambda: b.got("narinfo", hash_part) and b.got("nar", f"{fx.nar_key}:xz"),
+            5,
+            "B to hear of A's narinfo and NAR",
+        )
+        assert not a.got("narinfo", hash_part)
+    finally:
+        engine.dispose()
