@@ -595,3 +595,22 @@ def test_s3_storage_settings(tmp_path: Path, environ: dict[str, str]) -> None:
 def test_pool_defaults(tmp_path: Path, environ: dict[str, str]) -> None:
     backend = load_config(base_flags(tmp_path), environ).backend
     assert (backend.pool_max_open, backend.pool_max_idle) == (25, 5)
+
+
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config-s3-postgresql.yaml"])
+def test_contrib_examples_load(name: str) -> None:
+    config = load_config({}, {}, str(CONTRIB / name))
+    assert config.hostname == "cache.example.lan"
+    backend = config.backend
+    if name == "config.yaml":
+        assert backend.storage_local == Path("/var/lib/ncps")
+        assert backend.database_url == "sqlite:/var/lib/ncps/db/ncps.sqlite3"
+    else:
+        assert backend.storage_s3 is not None
+        assert backend.storage_s3.bucket == "nix-cache"
+        assert backend.storage_s3.force_path_style
+        assert backend.database_url.startswith("postgresql://ncps:")
+        assert (backend.pool_max_open, backend.pool_max_idle) == (25, 5)
