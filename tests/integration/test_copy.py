@@ -514,7 +514,7 @@ def test_interrupted_run_leaves_no_partial_object_or_row(
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    import ncps.copy
+    import ncps.copy.nars
     from ncps.storage.local import LocalNar
 
     src, dst = tmp_path / "src", tmp_path / "dst"
@@ -541,8 +541,8 @@ def test_interrupted_run_leaves_no_partial_object_or_row(
             super().shutdown(*args, **kwargs)
 
     monkeypatch.setattr(LocalNar, "read_thd", slow_read)
-    monkeypatch.setattr(ncps.copy, "wait", interrupting_wait)
-    monkeypatch.setattr(ncps.copy, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(ncps.copy.nars, "wait", interrupting_wait)
+    monkeypatch.setattr(ncps.copy.nars, "ThreadPoolExecutor", Pool)
     args = ["--jobs", "1", "--from-storage-local", str(src)]
     args += ["--to-storage-local", str(dst)]
 
