@@ -64,10 +64,24 @@ def parallel_mbps(url: str, expected_bytes: int, connections: int) -> float:
     return expected_bytes * connections / elapsed / MB
 
 
-def wrk_rps(url: str, duration_s: int, connections: int = 4) -> dict:
-    """One wrk run (1 thread); requests/s, failing if any answer was not 2xx/3xx."""
+def wrk_rps(
+    url: str, duration_s: int, connections: int = 4, script: Path | None = None
+) -> dict:
+    """One wrk run (1 thread); requests/s, failing if any answer was not 2xx/3xx.
+
+    ``script``: a wrk Lua script (e.g. one choosing each request's path).
+    """
+    extra = ["-s", str(script)] if script else []
     proc = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", url],
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration_s}s",
+            "--latency",
+            *extra,
+            url,
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -82,8 +96,10 @@ def wrk_rps(url: str, duration_s: int, connections: int = 4) -> dict:
     errors = re.search(r"Socket errors:.*", text)
     p50 = re.search(r"^\s+50%\s+(\S+)", text, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", text, re.M)
+    done = re.search(r"(\d+) requests in", text)
     return {
         "rps": float(m.group(1)),
+        "requests": int(done.group(1)) if done else 0,
         "p50": p50.group(1) if p50 else None,
         "p99": p99.group(1) if p99 else None,
         "socket_errors": errors.group(0) if errors else None,

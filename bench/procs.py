@@ -218,10 +218,17 @@ class Ncps(Child):
         upstream_key: str,
         extra_args: list[str] | None = None,
         command: list[str] | None = None,
+        storage_args: list[str] | None = None,
     ) -> None:
+        """``storage_args`` replace ``--cache-storage-local=<workdir>/storage``
+        (S3 flags, a database URL...); ``{workdir}`` expands in them too."""
         super().__init__(workdir)
         self.command = command or [sys.executable, "-m", "twisted", "ncps"]
         self.storage = workdir / "storage"
+        self.storage_args = [
+            a.replace("{workdir}", str(workdir))
+            for a in storage_args or [f"--cache-storage-local={self.storage}"]
+        ]
         self.upstream_url = upstream_url
         self.upstream_key = upstream_key
         self.extra_args = [
@@ -233,7 +240,7 @@ class Ncps(Child):
         return [
             *self.command,
             "--cache-hostname=ncps-bench",
-            f"--cache-storage-local={self.storage}",
+            *self.storage_args,
             f"--cache-upstream-url={self.upstream_url}",
             f"--cache-upstream-public-key={self.upstream_key}",
             f"--server-addr=127.0.0.1:{self.port}",

@@ -51,7 +51,14 @@ def table(report: dict) -> str:
     def ok(flag):
         return {True: "PASS", False: "FAIL", None: "-"}[flag]
 
+    selected = report.get("sections")
+
+    def shown(name):
+        return selected is None or name in selected
+
     def add(name, label, ncps_key, base_key, unit, ratio_key="ratio"):
+        if not shown(name):
+            return
         sec = report.get(name)
         if sec is None:
             err = report["errors"].get(name, "skipped")
@@ -59,15 +66,16 @@ def table(report: dict) -> str:
             return
         ncps = sec.get(ncps_key)
         base = sec.get(base_key)
-        op, bound = TARGETS[name]
+        targeted = name in TARGETS and ratio_key == "ratio"
+        op, bound = TARGETS.get(name, ("", ""))
         rows.append(
             (
                 label,
                 f"{ncps} {unit}" if ncps is not None else "n/a",
                 f"{base} {unit}" if base is not None else "n/a",
                 str(sec.get(ratio_key, "n/a")),
-                f"{op} {bound}" if ratio_key == "ratio" else "",
-                ok(sec.get("pass")) if ratio_key == "ratio" else "",
+                f"{op} {bound}" if targeted else "",
+                ok(sec.get("pass")) if targeted else "",
             )
         )
 
@@ -101,7 +109,9 @@ def table(report: dict) -> str:
         "s",
     )
     rss = report.get("peak_rss")
-    if rss:
+    if not shown("peak_rss"):
+        pass
+    elif rss:
         rows.append(
             (
                 "peak RSS, 1 GB cold stream",
@@ -124,6 +134,58 @@ def table(report: dict) -> str:
                 err.splitlines()[0][:60],
             )
         )
+    if shown("s3_nar_throughput"):
+        s3 = "s3_nar_throughput"
+        add(
+            s3,
+            "S3 warm NAR 1 conn (vs local)",
+            "s3_median_MBps",
+            "local_median_MBps",
+            "MB/s",
+        )
+        add(
+            s3,
+            "S3 warm NAR 4 conns (vs local)",
+            "s3_c4_median_MBps",
+            "local_c4_median_MBps",
+            "MB/s",
+            "ratio_c4",
+        )
+        add(
+            s3,
+            "S3 warm NAR 1 conn (vs raw moto GET)",
+            "s3_median_MBps",
+            "moto_median_MBps",
+            "MB/s",
+            "s3_vs_moto_raw",
+        )
+        add(
+            s3,
+            "S3 warm NAR 4 conns (vs raw moto GET)",
+            "s3_c4_median_MBps",
+            "moto_c4_median_MBps",
+            "MB/s",
+            "s3_vs_moto_raw_c4",
+        )
+    if shown("db_narinfo_rps"):
+        for kind, label in (("hot", "hot narinfo"), ("db", "db-bound narinfo")):
+            add(
+                "db_narinfo_rps",
+                f"{label} SQLite (vs Klein)",
+                f"sqlite_{kind}_median_rps",
+                f"klein_{kind}_median_rps",
+                "req/s",
+                f"sqlite_{kind}_vs_klein",
+            )
+            for db, name in (("postgresql", "PostgreSQL"), ("mariadb", "MariaDB")):
+                add(
+                    "db_narinfo_rps",
+                    f"{label} {name} (vs SQLite)",
+                    f"{db}_{kind}_median_rps",
+                    f"sqlite_{kind}_median_rps",
+                    "req/s",
+                    f"{db}_{kind}_vs_sqlite",
+                )
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()

@@ -4,7 +4,10 @@
 2. warm narinfo requests/s: ncps vs a bare Klein app returning the same bytes (wrk);
 3. cold substitution of a ~150 MB closure by a real Nix client: through ncps (empty
    storage, fresh daemon per round) vs directly from the upstream;
-4. peak RSS (VmHWM) of ncps while streaming a 1 GB NAR cold from the upstream.
+4. peak RSS (VmHWM) of ncps while streaming a 1 GB NAR cold from the upstream;
+5. Backends (``--only backends``): warm NAR throughput of ncps on S3 (moto) vs ncps on
+   local storage, with moto's own GET throughput as the ceiling; narinfo requests/s of
+   ncps on PostgreSQL and MariaDB vs SQLite, hot (memory) and database-bound.
 
 Prints a table and writes bench/results/latest.json.  See bench/README.md.
 """
@@ -22,6 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
+import backends
 import fixture
 import measure
 from measure import MB, median
@@ -37,6 +41,16 @@ from procs import (
 from report import TARGETS, machine_info, table, verdict
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = [
+    "cold_substitution",
+    "peak_rss",
+    "nar_throughput",
+    "narinfo_rps",
+    "s3_nar_throughput",
+    "db_narinfo_rps",
+]
+GROUPS = {"backends": ["s3_nar_throughput", "db_narinfo_rps"]}
+NEEDS_NCPS = {"peak_rss", "s3_nar_throughput", "db_narinfo_rps"}
 
 
 def log(msg: str) -> None:
@@ -286,6 +300,7 @@ class Bench:
             "machine": machine_info(self.nix.env),
             "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
             "errors": {},
+            "sections": self.args.sections,
         }
         t0 = time.monotonic()
         with self.stack:
@@ -334,11 +349,13 @@ class Bench:
                 ("peak_rss", self.peak_rss),
                 ("nar_throughput", self.nar_throughput),
                 ("narinfo_rps", self.narinfo_rps),
+                ("s3_nar_throughput", lambda: backends.s3_nar_throughput(self)),
+                ("db_narinfo_rps", lambda: backends.db_narinfo_rps(self)),
             ]
             for name, fn in sections:
-                if name in self.args.skip:
+                if name not in self.args.sections:
                     continue
-                if name == "peak_rss" and self.ncps_reason:
+                if name in NEEDS_NCPS and self.ncps_reason:
                     report["errors"][name] = "ncps unavailable"
                     continue
                 log(f"{name} ...")
@@ -346,7 +363,9 @@ class Bench:
                 try:
                     report[name] = fn()
                     report[name]["section_s"] = round(time.monotonic() - t, 1)
-                    if "ratio" in report[name] or name == "peak_rss":
+                    if name in TARGETS and (
+                        "ratio" in report[name] or name == "peak_rss"
+                    ):
                         value = report[name].get(
                             "peak_MB" if name == "peak_rss" else "ratio"
                         )
@@ -401,10 +420,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wrk-rounds", type=int, default=3)
     p.add_argument("--wrk-seconds", type=int, default=5)
     p.add_argument(
+        "--db-narinfos",
+        type=int,
+        default=40_000,
+        help="narinfo rows per database for db_narinfo_rps (default 40000; more "
+        "than ncps keeps in memory)",
+    )
+    choices = [*SECTIONS, *GROUPS]
+    p.add_argument(
         "--skip",
         action="append",
         default=[],
-        choices=["cold_substitution", "peak_rss", "nar_throughput", "narinfo_rps"],
+        choices=choices,
+        help="leave a section out; 'backends' = s3_nar_throughput + db_narinfo_rps",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=choices,
+        help="run only these sections (repeatable); e.g. --only backends",
     )
     p.add_argument(
         "--ncps-arg",
@@ -424,7 +459,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+
+    def expand(names: list[str]) -> set[str]:
+        return {s for n in names for s in GROUPS.get(n, [n])}
+
+    chosen = expand(args.only) if args.only else set(SECTIONS)
+    args.sections = [s for s in SECTIONS if s in chosen - expand(args.skip)]
+    return args
 
 
 def main(argv: list[str]) -> int:
