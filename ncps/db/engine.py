@@ -50,8 +50,10 @@ def open_engine(url: str, max_open: int = 4, max_idle: int = 4) -> Engine:
     """Create the engine for ``url``, creating an SQLite file's directory.
 
     Server databases get a pool of ``max_idle`` kept connections plus up to
-    ``max_open - max_idle`` more, each checked before use, so a database that
-    restarted is reconnected to instead of failing the next query.
+    ``max_open - max_idle`` more.  Connections are not pinged before use (a
+    round trip per query); a connection found dead invalidates the pool and
+    the transaction is retried on a fresh one (``Database.call_thd``), so a
+    database that restarted is reconnected to without failing requests.
     """
     sa_url, sqlite_file = sqlalchemy_url(url)
     if sqlite_file is None:
@@ -64,7 +66,6 @@ def open_engine(url: str, max_open: int = 4, max_idle: int = 4) -> Engine:
             sa_url,
             pool_size=max_idle,
             max_overflow=max(0, max_open - max_idle),
-            pool_pre_ping=True,
             pool_recycle=1800,
             pool_timeout=30,
             connect_args=connect_args,
