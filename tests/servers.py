@@ -40,7 +40,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
@@ -200,6 +200,112 @@ def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> N
 
 
 # --------------------------------------------------------------------------------------
+# Lifecycle shared by the servers
+
+
+class _ManagedServer:
+    """A server in its own directory on a free port of 127.0.0.1.
+
+    Subclasses name their directory prefix and log file and provide
+    :meth:`_check_installed`, :meth:`_prepare` (one-time set-up), :meth:`start` and
+    :meth:`stop`; :meth:`_shutdown` is what :meth:`destroy` does before deleting.
+    """
+
+    _dir_prefix: ClassVar[str]
+    _log_name: ClassVar[str]
+
+    def __init__(self, directory: Path, port: int, owns_parent: bool) -> None:
+        self.host = HOST
+        self.port = port
+        self.directory = directory
+        self.log_path = directory / self._log_name
+        self._owns_parent = owns_parent
+        self._destroyed = False
+
+    @classmethod
+    def create(cls, base_dir: Path | None = None) -> Self:
+        """Set up a server under ``base_dir`` (or a fresh /tmp dir) and start it."""
+        cls._check_installed()  # fail before creating anything
+        directory, owns_parent = _make_dir(base_dir, cls._dir_prefix)
+        server = cls(directory, free_port(), owns_parent)
+        _register(server)
+        try:
+            server._prepare()
+            server.start()
+        except BaseException:
+            server.destroy()
+            raise
+        return server
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.host}:{self.port} {self.directory}>"
+
+    @classmethod
+    def _check_installed(cls) -> None:
+        """Raise :class:`ServerError` when what the server needs is missing."""
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """One-time set-up of a new directory before the first :meth:`start`."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        self.stop()
+
+    def destroy(self) -> None:
+        """Stop the server and delete its directory."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        try:
+            self._shutdown()
+        finally:
+            _unregister(self)
+            shutil.rmtree(
+                self.directory.parent if self._owns_parent else self.directory,
+                ignore_errors=True,
+            )
+
+
+class _DatabaseServer(_ManagedServer):
+    """A SQL server whose URLs are ``<_url_prefix>HOST:PORT/<database>``."""
+
+    _url_prefix: ClassVar[str]
+    _admin_database: ClassVar[str]
+
+    @property
+    def admin_url(self) -> str:
+        return self.url(self._admin_database)
+
+    def url(self, database: str) -> str:
+        return f"{self._url_prefix}{self.host}:{self.port}/{database}"
+
+
+class _ProcessServer(_ManagedServer):
+    """A server that runs as our child process until :meth:`stop` terminates it."""
+
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn_until(
+        self, cmd: Sequence[str], out: Path, ready: Callable[[], bool], what: str
+    ) -> None:
+        """Start ``cmd`` unless it runs; return once ``ready()``, else kill it."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._proc = _spawn(cmd, out)
+        try:
+            _wait_until(ready, what, self.log_path, self._proc)
+        except BaseException:
+            _terminate(self._proc)
+            raise
+
+
+# --------------------------------------------------------------------------------------
 # PostgreSQL
 
 
@@ -222,45 +328,24 @@ def postgres_bindir() -> Path:
     )
 
 
-class PostgresServer:
+class PostgresServer(_DatabaseServer):
     """A throwaway PostgreSQL cluster: superuser ``postgres``, trust auth, TCP only."""
 
+    _dir_prefix = "pg-"
+    _log_name = "server.log"
+    _url_prefix = "postgresql://postgres@"
+    _admin_database = "postgres"
+
     def __init__(self, directory: Path, port: int, owns_parent: bool) -> None:
-        self.host = HOST
-        self.port = port
-        self.directory = directory
+        super().__init__(directory, port, owns_parent)
         self.data_dir = directory / "data"
         self.socket_dir = directory / "sock"
-        self.log_path = directory / "server.log"
         self.bindir = postgres_bindir()
-        self._owns_parent = owns_parent
         self._running = False
-        self._destroyed = False
 
     @classmethod
-    def create(cls, base_dir: Path | None = None) -> PostgresServer:
-        """initdb a cluster under ``base_dir`` (or a fresh /tmp dir) and start it."""
-        postgres_bindir()  # fail before creating anything
-        directory, owns_parent = _make_dir(base_dir, "pg-")
-        server = cls(directory, free_port(), owns_parent)
-        _register(server)
-        try:
-            server._initdb()
-            server.start()
-        except BaseException:
-            server.destroy()
-            raise
-        return server
-
-    def __repr__(self) -> str:
-        return f"<PostgresServer {self.host}:{self.port} {self.directory}>"
-
-    @property
-    def admin_url(self) -> str:
-        return self.url("postgres")
-
-    def url(self, database: str) -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
+    def _check_installed(cls) -> None:
+        postgres_bindir()
 
     def _as_owner(self, cmd: list[str]) -> list[str]:
         """initdb and pg_ctl refuse to run as root: run them as ``postgres`` then."""
@@ -268,7 +353,7 @@ class PostgresServer:
             return ["runuser", "-u", "postgres", "--", *cmd]
         return cmd
 
-    def _initdb(self) -> None:
+    def _prepare(self) -> None:  # initdb
         self.socket_dir.mkdir()
         if is_root():
             try:
@@ -319,11 +404,8 @@ class PostgresServer:
             self._as_owner([*cmd, "stop"]), self.directory / "pg_ctl.log", "pg_ctl stop"
         )
 
-    def destroy(self) -> None:
-        """Stop the server (immediate mode if a fast stop fails) and delete its data."""
-        if self._destroyed:
-            return
-        self._destroyed = True
+    def _shutdown(self) -> None:
+        """For destroy(): immediate mode if a fast stop fails."""
         try:
             if (self.data_dir / "postmaster.pid").exists():
                 try:
@@ -332,11 +414,6 @@ class PostgresServer:
                     self._pg_ctl_stop("immediate")
         finally:
             self._running = False
-            _unregister(self)
-            shutil.rmtree(
-                self.directory.parent if self._owns_parent else self.directory,
-                ignore_errors=True,
-            )
 
     def connect(self, database: str = "postgres") -> Any:
         """A psycopg2 connection (the caller closes it)."""
@@ -376,49 +453,27 @@ def mariadb_binaries() -> tuple[str, str]:
     return install_db, server
 
 
-class MariaDBServer:
+class MariaDBServer(_DatabaseServer, _ProcessServer):
     """A throwaway MariaDB server: ``root`` without a password, TCP on 127.0.0.1."""
 
+    _dir_prefix = "mariadb-"
+    _log_name = "error.log"
+    _url_prefix = "mysql://root@"
+    _admin_database = "mysql"
+
     def __init__(self, directory: Path, port: int, owns_parent: bool) -> None:
-        self.host = HOST
-        self.port = port
-        self.directory = directory
+        super().__init__(directory, port, owns_parent)
         self.data_dir = directory / "data"
-        self.log_path = directory / "error.log"
         self._install_db, self._mariadbd = mariadb_binaries()
-        self._owns_parent = owns_parent
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._destroyed = False
 
     @classmethod
-    def create(cls, base_dir: Path | None = None) -> MariaDBServer:
-        """mariadb-install-db a new data directory and start the server."""
-        mariadb_binaries()  # fail before creating anything
-        directory, owns_parent = _make_dir(base_dir, "mariadb-")
-        server = cls(directory, free_port(), owns_parent)
-        _register(server)
-        try:
-            server._install()
-            server.start()
-        except BaseException:
-            server.destroy()
-            raise
-        return server
-
-    def __repr__(self) -> str:
-        return f"<MariaDBServer {self.host}:{self.port} {self.directory}>"
-
-    @property
-    def admin_url(self) -> str:
-        return self.url("mysql")
-
-    def url(self, database: str) -> str:
-        return f"mysql://root@{self.host}:{self.port}/{database}"
+    def _check_installed(cls) -> None:
+        mariadb_binaries()
 
     def _user_args(self) -> list[str]:
         return ["--user=root"] if is_root() else []
 
-    def _install(self) -> None:
+    def _prepare(self) -> None:  # mariadb-install-db
         cmd = [
             self._install_db,
             "--no-defaults",
@@ -431,8 +486,6 @@ class MariaDBServer:
 
     def start(self) -> None:
         """Start the server (again) on the same port; returns once root can connect."""
-        if self._proc is not None and self._proc.poll() is None:
-            return
         cmd = [
             self._mariadbd,
             "--no-defaults",
@@ -445,12 +498,9 @@ class MariaDBServer:
             f"--log-error={self.log_path}",
             "--skip-name-resolve",
         ]
-        self._proc = _spawn(cmd, self.directory / "mariadbd.out")
-        try:
-            _wait_until(self._accepts, "mariadbd", self.log_path, self._proc)
-        except BaseException:
-            _terminate(self._proc)
-            raise
+        self._spawn_until(
+            cmd, self.directory / "mariadbd.out", self._accepts, "mariadbd"
+        )
 
     def _accepts(self) -> bool:
         try:
@@ -462,20 +512,6 @@ class MariaDBServer:
     def stop(self) -> None:
         """Shut down (SIGTERM); the data stays for :meth:`start`."""
         _terminate(self._proc, timeout=60.0)
-
-    def destroy(self) -> None:
-        """Stop the server and delete its data."""
-        if self._destroyed:
-            return
-        self._destroyed = True
-        try:
-            self.stop()
-        finally:
-            _unregister(self)
-            shutil.rmtree(
-                self.directory.parent if self._owns_parent else self.directory,
-                ignore_errors=True,
-            )
 
     def connect(self, database: str | None = None) -> Any:
         """A pymysql connection as root (the caller closes it)."""
@@ -505,41 +541,27 @@ class MariaDBServer:
 # S3 (moto)
 
 
-class S3Server:
+class S3Server(_ProcessServer):
     """moto's S3 in server mode. It keeps everything in memory: a restart
     (:meth:`stop` then :meth:`start`) loses every bucket and object."""
 
     region = "us-east-1"
     access_key_id = "testing"
     secret_access_key = "testing"
+    _dir_prefix = "s3-"
+    _log_name = "moto.log"
 
     def __init__(self, directory: Path, port: int, owns_parent: bool) -> None:
-        self.host = HOST
-        self.port = port
+        super().__init__(directory, port, owns_parent)
         self.endpoint = f"http://{HOST}:{port}"
-        self.directory = directory
-        self.log_path = directory / "moto.log"
-        self._owns_parent = owns_parent
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._destroyed = False
 
     @classmethod
-    def create(cls, base_dir: Path | None = None) -> S3Server:
-        """Start a moto server."""
+    def _check_installed(cls) -> None:
         if not (_has_module("moto") and _has_module("flask")):
             raise ServerError(
                 f"moto's server mode is not installed in {sys.executable}: "
                 "pip install 'moto[server]'"
             )
-        directory, owns_parent = _make_dir(base_dir, "s3-")
-        server = cls(directory, free_port(), owns_parent)
-        _register(server)
-        try:
-            server.start()
-        except BaseException:
-            server.destroy()
-            raise
-        return server
 
     def __repr__(self) -> str:
         return f"<S3Server {self.endpoint} {self.directory}>"
@@ -555,8 +577,6 @@ class S3Server:
 
     def start(self) -> None:
         """Start moto (again) on the same port - empty: moto loses data on restart."""
-        if self._proc is not None and self._proc.poll() is None:
-            return
         cmd = [
             sys.executable,
             "-m",
@@ -566,12 +586,7 @@ class S3Server:
             "-p",
             str(self.port),
         ]
-        self._proc = _spawn(cmd, self.log_path)
-        try:
-            _wait_until(self._answers, "moto server", self.log_path, self._proc)
-        except BaseException:
-            _terminate(self._proc)
-            raise
+        self._spawn_until(cmd, self.log_path, self._answers, "moto server")
 
     def _answers(self) -> bool:
         try:
@@ -583,20 +598,6 @@ class S3Server:
     def stop(self) -> None:
         """Stop moto. Its buckets and objects are gone."""
         _terminate(self._proc)
-
-    def destroy(self) -> None:
-        """Stop moto and delete its log directory."""
-        if self._destroyed:
-            return
-        self._destroyed = True
-        try:
-            self.stop()
-        finally:
-            _unregister(self)
-            shutil.rmtree(
-                self.directory.parent if self._owns_parent else self.directory,
-                ignore_errors=True,
-            )
 
     def client(self) -> Any:
         """A boto3 S3 client for this server."""
