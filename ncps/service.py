@@ -18,7 +18,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
@@ -47,7 +47,8 @@ class SequentialMultiService(MultiService):
 
         async def stop_all() -> None:
             for child in reversed(list(self)):
-                await child.stopService()
+                # Some services stop synchronously (return None).
+                await maybeDeferred(child.stopService)
 
         return ensureDeferred(stop_all())
 

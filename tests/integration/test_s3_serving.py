@@ -1,0 +1,136 @@
+"""The daemon's service tree with S3 storage, on the real reactor.
+
+``build_service`` with an S3 bucket (moto) and SQLite: a NAR fetched cold is
+uploaded (multipart above 8 MiB) and recorded, then served warm from S3 with
+identical bytes.  Every boto3 call made while serving runs on the daemon's own
+``s3`` pool threads: never on the reactor thread, never in the default pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import botocore.client
+import pytest
+import pytest_twisted
+from servers import S3Server, free_port
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.web import server, static
+
+from ncps.config import load_config
+from ncps.service import build_service
+from ncps.testing import TEST_UPSTREAM_KEY, make_nar_fixture, random_nar
+
+# Clients the test itself uses to look into the bucket: their calls, made on
+# the reactor thread, are not the daemon's.
+OBSERVERS: list[Any] = []
+
+
+@pytest.fixture
+def boto_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Names of the threads the daemon's boto3 API calls are made on."""
+    names: list[str] = []
+    original = botocore.client.BaseClient._make_api_call
+
+    def recording(self: Any, operation: str, params: Any) -> Any:
+        if not any(self is c for c in OBSERVERS):
+            names.append(threading.current_thread().name)
+        return original(self, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", recording)
+    yield names
+
+
+async def http_get(url: str) -> tuple[int, bytes]:
+    import treq
+
+    response = await treq.get(url)
+    return response.code, await treq.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, boto_threads: list[str]
+) -> None:
+    # 12 MiB of incompressible NAR: above the single-PUT limit (8 MiB).
+    fx = make_nar_fixture(nar=random_nar(12 << 20, 3), compression="none")
+    upstream_dir = tmp_path / "upstream"
+    (upstream_dir / "nar").mkdir(parents=True)
+    (upstream_dir / "nix-cache-info").write_bytes(b"StoreDir: /nix/store\n")
+    (upstream_dir / f"{fx.hash_part}.narinfo").write_bytes(fx.narinfo_text)
+    (upstream_dir / fx.nar_path).write_bytes(fx.file)
+    upstream = reactor.listenTCP(
+        0, server.Site(static.File(str(upstream_dir))), interface="127.0.0.1"
+    )
+    port = free_port()
+    config = load_config(
+        {
+            "cache-hostname": "cache.test",
+            "cache-storage-s3-bucket": s3_bucket,
+            "cache-storage-s3-endpoint": s3_server.endpoint,
+            "cache-storage-s3-access-key-id": s3_server.access_key_id,
+            "cache-storage-s3-secret-access-key": s3_server.secret_access_key,
+            "cache-storage-s3-force-path-style": "true",
+            "cache-database-url": f"sqlite:{tmp_path}/db.sqlite3",
+            "cache-temp-path": str(tmp_path / "tmp"),
+            "cache-upstream-url": [f"http://127.0.0.1:{upstream.getHost().port}"],
+            "cache-upstream-public-key": [TEST_UPSTREAM_KEY.public_key().to_text()],
+            "server-addr": f"127.0.0.1:{port}",
+        },
+        {},
+    )
+    service = build_service(config, reactor)
+    assert boto_threads == ["MainThread"]  # the bucket check, before listening
+    boto_threads.clear()
+    service.startService()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        code, _ = await http_get(f"{base}/{fx.hash_part}.narinfo")
+        assert code == 200
+        code, cold = await http_get(base + fx.cache_nar_path())
+        assert code == 200 and cold == fx.file
+
+        client = s3_server.client()
+        OBSERVERS.append(client)
+        key = f"store/nar/{fx.nar_key[0]}/{fx.nar_key[:2]}/{fx.nar_key}.nar"
+        for _ in range(1500):
+            listing = client.list_objects_v2(Bucket=s3_bucket, Prefix="store/")
+            if [o["Key"] for o in listing.get("Contents", [])] == [key]:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        head = client.head_object(Bucket=s3_bucket, Key=key)
+        assert head["ContentLength"] == len(fx.file)
+        assert head["ETag"].strip('"').endswith("-2")  # two multipart parts
+        ours = [n for n in boto_threads if n != "MainThread" or False]
+        # The row is written after the upload; then the NAR is served warm.
+        db = tmp_path / "db.sqlite3"
+        for _ in range(500):
+            with sqlite3.connect(db) as conn:
+                if conn.execute("SELECT COUNT(*) FROM nar_files").fetchone()[0]:
+                    break
+            await deferLater(reactor, 0.01, lambda: None)
+        uploads = len(boto_threads)
+        code, warm = await http_get(base + fx.cache_nar_path())
+        assert code == 200
+        assert len(boto_threads) > uploads  # read from S3, not from a temp file
+        assert hashlib.sha256(warm).digest() == hashlib.sha256(fx.file).digest()
+        assert list((tmp_path / "tmp").iterdir()) == []
+    finally:
+        await service.stopService()
+        await upstream.stopListening()
+
+        OBSERVERS.clear()
+
+    # Once listening, the daemon called boto3 only on its s3 pool's threads:
+    # create, 2 parts and complete for the upload, a get for the warm read.
+    assert len(boto_threads) >= 5, boto_threads
+    assert {n.split("-ncps-")[-1].rsplit("-", 1)[0] for n in boto_threads} == {"s3"}, (
+        boto_threads
+    )
+    assert all(n.startswith("PoolThread-ncps-s3-") for n in boto_threads)
