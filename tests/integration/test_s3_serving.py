@@ -107,7 +107,6 @@ async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
         head = client.head_object(Bucket=s3_bucket, Key=key)
         assert head["ContentLength"] == len(fx.file)
         assert head["ETag"].strip('"').endswith("-2")  # two multipart parts
-        ours = [n for n in boto_threads if n != "MainThread" or False]
         # The row is written after the upload; then the NAR is served warm.
         db = tmp_path / "db.sqlite3"
         for _ in range(500):
