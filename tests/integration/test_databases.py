@@ -249,3 +249,25 @@ def test_a_database_restart_is_survived(kind: str) -> None:
         eng.dispose()
     finally:
         server.destroy()
+
+
+def test_migrate_command_on_each_database(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ncps migrate`` creates the schema on an empty database, then reports it
+    up to date; ``--dry-run`` changes nothing."""
+    from ncps.cli import migrate as migrate_command
+
+    flag = f"--cache-database-url={database_url}"
+    assert migrate_command([flag, "--dry-run"]) == 0
+    assert "needs migrating" in capsys.readouterr().out
+    eng = open_engine(database_url, max_open=1, max_idle=1)
+    try:
+        assert current_revision(eng) is None
+        assert migrate_command([flag]) == 0
+        assert f"to {head_revision()}" in capsys.readouterr().out
+        assert current_revision(eng) == head_revision()
+        assert migrate_command([flag, "--dry-run"]) == 0
+        assert "up to date" in capsys.readouterr().out
+    finally:
+        eng.dispose()
