@@ -246,8 +246,20 @@ class Cache:
         nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
         if nar_file is not None:
             body = await self._open_committed(nar_key, compression)
-            if body is not None:
+            if body is not None and body.size == nar_file.file_size:
                 return body
+            if body is not None:
+                # Changed behind our back (truncated on disk, overwritten in
+                # the bucket): never serve it; fetch and verify it again.
+                log.error(
+                    "stored NAR {key}.nar ({compression}) is {size} bytes, "
+                    "recorded {recorded}; fetching it again",
+                    key=nar_key,
+                    compression=compression,
+                    size=body.size,
+                    recorded=nar_file.file_size,
+                )
+                self._release(body)
         record: NarInfoRecord | None = await self._db.find_nar_source(
             nar_key, compression
         )
@@ -294,6 +306,17 @@ class Cache:
             kind=store.kind,
         )
         return None
+
+    def _release(self, body: NarBody) -> None:
+        """Close a body that will not be sent."""
+        if body.stored is not None and body.reader is not None:
+            body.reader.run(body.stored.close_thd).addErrback(
+                lambda f: log.warn(
+                    "closing a stored NAR: {why}", why=f.getErrorMessage()
+                )
+            )
+        elif body.fd is not None:
+            os.close(body.fd)
 
     def _prefetch(self, record: NarInfoRecord) -> None:
         async def prefetch() -> None:

@@ -365,3 +365,25 @@ async def test_narinfo_then_nar_through_the_real_stack(harness: Harness) -> None
     assert (await nar.ended()).check(ResponseDone)
     assert bytes(nar.received) == fx.file
     assert harness.nar_gets(fx) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_stored_nar_of_the_wrong_size_is_fetched_again(harness: Harness) -> None:
+    """A committed object truncated behind ncps's back is never served as is."""
+    fx = make_nar_fixture(nar=random_nar(200_000, seed=5), compression="xz")
+    harness.publish(fx)
+    await harness.remember(fx)
+    response, first = await harness.get(fx.cache_nar_path())
+    assert (await first.ended()).check(ResponseDone)
+    await harness.committed(fx)
+    path = harness.store.nar_path(fx.nar_key, "xz")
+    path.chmod(0o644)
+    path.write_bytes(fx.file[:1000])
+
+    response, again = await harness.get(fx.cache_nar_path())
+    assert response.code == 200
+    assert (await again.ended()).check(ResponseDone)
+    assert bytes(again.received) == fx.file
+    assert harness.nar_gets(fx) == 2
+    await until(lambda: path.stat().st_size == len(fx.file), what="object restored")
+    assert path.read_bytes() == fx.file
