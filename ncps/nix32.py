@@ -10,6 +10,7 @@ Pure functions: no I/O, safe to call from any thread.
 
 from __future__ import annotations
 
+import functools
 import re
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -38,6 +39,12 @@ def encoded_length(nbytes: int) -> int:
     return (nbytes * 8 + 4) // 5
 
 
+# Hashes are encoded and decoded again and again (every narinfo served renders
+# its NarHash and FileHash): remember the recent ones.
+_MEMO = 16384
+
+
+@functools.lru_cache(maxsize=_MEMO)
 def encode(data: bytes) -> str:
     """Encode ``data`` in Nix's base-32."""
     length = encoded_length(len(data))
@@ -48,6 +55,7 @@ def encode(data: bytes) -> str:
     )
 
 
+@functools.lru_cache(maxsize=_MEMO)
 def decode(text: str) -> bytes:
     """Decode Nix's base-32 ``text`` back into bytes.
 

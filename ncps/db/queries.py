@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import attrs
-from sqlalchemy import Connection, Engine, Row, and_, insert, select, update
+from sqlalchemy import Connection, Engine, Row, and_, bindparam, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from twisted.logger import Logger
 
@@ -97,8 +97,29 @@ def _narinfo_from_row(row: Row[tuple[object, ...]]) -> NarInfoRecord:
     )
 
 
+# The hot queries, built once (building a statement costs more than running
+# it on SQLite).
+_GET_NARINFO = select(narinfos).where(narinfos.c.hash == bindparam("hash_part"))
+_FIND_NAR_SOURCE = (
+    select(narinfos)
+    .where(
+        and_(
+            narinfos.c.nar_key == bindparam("nar_key"),
+            narinfos.c.compression == bindparam("compression"),
+        )
+    )
+    .limit(1)
+)
+_GET_NAR_FILE = select(nar_files).where(
+    and_(
+        nar_files.c.hash == bindparam("nar_key"),
+        nar_files.c.compression == bindparam("compression"),
+    )
+)
+
+
 def get_narinfo_thd(conn: Connection, hash_part: str) -> NarInfoRecord | None:
-    row = conn.execute(select(narinfos).where(narinfos.c.hash == hash_part)).first()
+    row = conn.execute(_GET_NARINFO, {"hash_part": hash_part}).first()
     return _narinfo_from_row(row) if row is not None else None
 
 
@@ -155,11 +176,7 @@ def find_nar_source_thd(
 ) -> NarInfoRecord | None:
     """Any narinfo whose NAR is ``nar_key`` with that compression."""
     row = conn.execute(
-        select(narinfos)
-        .where(
-            and_(narinfos.c.nar_key == nar_key, narinfos.c.compression == compression)
-        )
-        .limit(1)
+        _FIND_NAR_SOURCE, {"nar_key": nar_key, "compression": compression}
     ).first()
     return _narinfo_from_row(row) if row is not None else None
 
@@ -168,9 +185,7 @@ def get_nar_file_thd(
     conn: Connection, nar_key: str, compression: str
 ) -> NarFile | None:
     row = conn.execute(
-        select(nar_files).where(
-            and_(nar_files.c.hash == nar_key, nar_files.c.compression == compression)
-        )
+        _GET_NAR_FILE, {"nar_key": nar_key, "compression": compression}
     ).first()
     if row is None:
         return None
