@@ -23,176 +23,59 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import attrs
 import yaml
 
 from ncps.errors import ConfigError
+from ncps.settings import (
+    ALIASES,
+    KEY_ALIASES,
+    SETTINGS,
+    SETTINGS_BY_FLAG,
+    UNSUPPORTED,
+    UNSUPPORTED_BY_FLAG,
+    Setting,
+    is_harmless,
+)
 from ncps.signing import KeyFormatError, PublicKey
 from ncps.units import parse_bool, parse_duration
 
+__all__ = [
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "SETTINGS",
+    "SETTINGS_BY_FLAG",
+    "Backend",
+    "Config",
+    "S3Settings",
+    "Setting",
+    "build_backend",
+    "check_database_url",
+    "check_unsupported_flag",
+    "environment",
+    "load_config",
+    "redact_url",
+]
+
+# The levels ncps logs at, and what each accepted spelling (Go's zerolog
+# names among them) means.
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+_LEVEL_SPELLINGS = {
+    "trace": "debug",
+    "debug": "debug",
+    "info": "info",
+    "warn": "warn",
+    "warning": "warn",
+    "error": "error",
+    "fatal": "critical",
+    "panic": "critical",
+    "critical": "critical",
+}
+LOG_FORMATS = ("text", "json")
 
-
-@attrs.frozen
-class Setting:
-    """One configurable value and the three names it is known by."""
-
-    flag: str
-    env: str
-    key: str
-    help: str
-    default: str | None = None
-    multiple: bool = False
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "cache-hostname",
-        "CACHE_HOSTNAME",
-        "cache.hostname",
-        "Host name of this cache; also the name of its signing key (required).",
-    ),
-    Setting(
-        "cache-storage-local",
-        "CACHE_STORAGE_LOCAL",
-        "cache.storage.local",
-        "Directory where NARs and the default database are kept (this or "
-        "--cache-storage-s3-bucket).",
-    ),
-    Setting(
-        "cache-storage-s3-bucket",
-        "CACHE_STORAGE_S3_BUCKET",
-        "cache.storage.s3.bucket",
-        "S3 bucket to keep NARs in (this or --cache-storage-local).",
-    ),
-    Setting(
-        "cache-storage-s3-endpoint",
-        "CACHE_STORAGE_S3_ENDPOINT",
-        "cache.storage.s3.endpoint",
-        "S3 endpoint URL with its scheme, e.g. https://s3.eu-west-1.amazonaws.com.",
-    ),
-    Setting(
-        "cache-storage-s3-region",
-        "CACHE_STORAGE_S3_REGION",
-        "cache.storage.s3.region",
-        "S3 region (default: us-east-1).",
-    ),
-    Setting(
-        "cache-storage-s3-access-key-id",
-        "CACHE_STORAGE_S3_ACCESS_KEY_ID",
-        "cache.storage.s3.access-key-id",
-        "S3 access key id.",
-    ),
-    Setting(
-        "cache-storage-s3-secret-access-key",
-        "CACHE_STORAGE_S3_SECRET_ACCESS_KEY",
-        "cache.storage.s3.secret-access-key",
-        "S3 secret access key.",
-    ),
-    Setting(
-        "cache-storage-s3-force-path-style",
-        "CACHE_STORAGE_S3_FORCE_PATH_STYLE",
-        "cache.storage.s3.force-path-style",
-        "Address the bucket as <endpoint>/<bucket> (MinIO, Garage, moto).",
-        default="false",
-    ),
-    Setting(
-        "cache-database-url",
-        "CACHE_DATABASE_URL",
-        "cache.database-url",
-        "Database URL: sqlite:/path, postgresql://user:pass@host:port/db or "
-        "mysql://user:pass@host:port/db (default with local storage: "
-        "sqlite:<storage>/db/ncps.sqlite3).",
-    ),
-    Setting(
-        "cache-database-pool-max-open-conns",
-        "CACHE_DATABASE_POOL_MAX_OPEN_CONNS",
-        "cache.database.pool.max-open-conns",
-        "Most database connections open at once (0: 25, or 1 writer + 3 "
-        "readers for SQLite).",
-        default="0",
-    ),
-    Setting(
-        "cache-database-pool-max-idle-conns",
-        "CACHE_DATABASE_POOL_MAX_IDLE_CONNS",
-        "cache.database.pool.max-idle-conns",
-        "Database connections kept open while idle (0: 5).",
-        default="0",
-    ),
-    Setting(
-        "cache-temp-path",
-        "CACHE_TEMP_PATH",
-        "cache.temp-path",
-        "Directory for downloads in progress (default: <storage>/store/tmp, or "
-        "the system temp directory with S3).",
-    ),
-    Setting(
-        "cache-upstream-url",
-        "CACHE_UPSTREAM_URLS",
-        "cache.upstream.urls",
-        "Upstream binary cache URL; repeat for several (at least one).",
-        multiple=True,
-    ),
-    Setting(
-        "cache-upstream-public-key",
-        "CACHE_UPSTREAM_PUBLIC_KEYS",
-        "cache.upstream.public-keys",
-        "Trusted upstream signing key name:base64; repeat for several (at least one).",
-        multiple=True,
-    ),
-    Setting(
-        "cache-upstream-dialer-timeout",
-        "CACHE_UPSTREAM_DIALER_TIMEOUT",
-        "cache.upstream.dialer-timeout",
-        "Timeout for connecting to an upstream.",
-        default="3s",
-    ),
-    Setting(
-        "cache-upstream-response-header-timeout",
-        "CACHE_UPSTREAM_RESPONSE_HEADER_TIMEOUT",
-        "cache.upstream.response-header-timeout",
-        "Timeout for an upstream's response headers.",
-        default="3s",
-    ),
-    Setting(
-        "cache-sign-narinfo",
-        "CACHE_SIGN_NARINFO",
-        "cache.sign-narinfo",
-        "Sign served narinfos with this cache's key (true/false).",
-        default="true",
-    ),
-    Setting(
-        "cache-secret-key-path",
-        "CACHE_SECRET_KEY_PATH",
-        "cache.secret-key-path",
-        "Nix secret key file to sign with (default: generated once and kept "
-        "in the database).",
-    ),
-    Setting(
-        "netrc-file",
-        "NETRC_FILE",
-        "cache.netrc-file",
-        "netrc file with credentials for upstreams (default: ~/.netrc if it exists).",
-    ),
-    Setting(
-        "server-addr",
-        "SERVER_ADDR",
-        "server.addr",
-        "Address to listen on, [host]:port.",
-        default=":8501",
-    ),
-    Setting(
-        "log-level",
-        "LOG_LEVEL",
-        "log.level",
-        "Minimum log level: debug, info, warn, error.",
-        default="info",
-    ),
-)
-SETTINGS_BY_FLAG = {s.flag: s for s in SETTINGS}
-
+Warn = Callable[[str], None]
 
 DEFAULT_POOL_MAX_OPEN = 25
 DEFAULT_POOL_MAX_IDLE = 5
@@ -227,7 +110,11 @@ class Backend:
 
 @attrs.frozen
 class Config:
-    """The whole, validated configuration of one ncps instance."""
+    """The whole, validated configuration of one ncps instance.
+
+    Fields added after the first release have defaults, so code that builds a
+    Config by hand (tests) keeps working.
+    """
 
     hostname: str
     backend: Backend
@@ -240,29 +127,97 @@ class Config:
     netrc_file: Path | None
     listen_host: str
     listen_port: int
+    # One of LOG_LEVELS (trace is debug; fatal and panic are critical).
     log_level: str
+    # Most NAR downloads from upstreams at once (> 0).
+    max_downloads: int = 32
+    # Seconds a narinfo no upstream has is remembered as missing (0: never).
+    negative_ttl: float = 10.0
+    # Most client connections at once; 0: derived from the descriptor limit.
+    max_connections: int = 0
+    # Seconds a client has to send its request line and headers (> 0).
+    read_header_timeout: float = 10.0
+    # Seconds an idle keep-alive connection is kept open (> 0).
+    idle_timeout: float = 60.0
+    # One of LOG_FORMATS.
+    log_format: str = "text"
 
 
 def load_config(
     flags: Mapping[str, str | Sequence[str]],
     environ: Mapping[str, str],
     config_file: str | None = None,
+    warn: Warn | None = None,
 ) -> Config:
     """Merge flags, the config file and the environment into a :class:`Config`.
 
     ``flags`` holds only the flags given on the command line (repeatable ones as
-    sequences).  ``config_file`` is the ``--config`` value; without it
-    ``NCPS_CONFIG_FILE`` and then ``$XDG_CONFIG_HOME/ncps/config.yaml`` (only if
-    it exists) are used.  Raises :class:`ConfigError`.
+    sequences), keyed by flag name without dashes; deprecated alias names
+    (``cache-data-path``) are taken too.  ``config_file`` is the ``--config``
+    value; without it ``NCPS_CONFIG_FILE`` and then
+    ``$XDG_CONFIG_HOME/ncps/config.yaml`` (only if it exists) are used.
+    ``warn`` is called with one line per deprecated name in use and per value
+    taken with a guess (an S3 endpoint without a scheme); no line holds a
+    secret.  Raises :class:`ConfigError`.
     """
+    warnings: list[str] = []
     path = config_file or environ.get("NCPS_CONFIG_FILE")
     if not path:
         xdg = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
         default = Path(xdg) / "ncps" / "config.yaml"
         path = str(default) if default.is_file() else None
     file_values = _read_config_file(path) if path else {}
+    _refuse_unsupported(flags, file_values, environ, path)
     raw = {s.flag: _lookup(s, flags, file_values, environ) for s in SETTINGS}
-    return _build(raw, environ)
+    for alias in ALIASES:
+        if alias.flag in flags or environ.get(alias.env):
+            warnings.append(
+                f"--{alias.flag} ({alias.env}) is deprecated; use --{alias.setting} "
+                f"({SETTINGS_BY_FLAG[alias.setting].env})"
+            )
+    config = _build(raw, environ, warnings.append)
+    for line in warnings:
+        if warn is not None:
+            warn(line)
+    return config
+
+
+def check_unsupported_flag(flag: str, value: str | None) -> None:
+    """Refuse ``--flag[=value]`` if it names a Go ncps setting not implemented.
+
+    ``value`` is None for a bare flag (true for a boolean).  A harmless value
+    (one that asks for what ncps does anyway) passes.
+    """
+    unsupported = UNSUPPORTED_BY_FLAG.get(flag)
+    if unsupported is None:
+        return
+    if value is None and unsupported.boolean:
+        value = "true"
+    if value is None or not is_harmless(unsupported, value):
+        raise ConfigError(unsupported.refusal())
+
+
+def _refuse_unsupported(
+    flags: Mapping[str, str | Sequence[str]],
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    path: str | None,
+) -> None:
+    for flag, given in flags.items():
+        for value in [given] if isinstance(given, str) else given:
+            check_unsupported_flag(flag, value)
+    for unsupported in UNSUPPORTED:
+        if unsupported.key is not None and unsupported.key in file_values:
+            found = file_values[unsupported.key]
+            text = str(found).lower() if isinstance(found, bool | int | str) else "?"
+            if found is not None and not is_harmless(unsupported, text):
+                raise ConfigError(
+                    f"{unsupported.refusal()} (config key {unsupported.key} in {path})"
+                )
+        if unsupported.env is not None:
+            env_value = environ.get(unsupported.env)
+            if env_value is not None and not is_harmless(unsupported, env_value):
+                raise ConfigError(f"{unsupported.refusal()} (set by {unsupported.env})")
 
 
 def _lookup(
@@ -271,26 +226,38 @@ def _lookup(
     file_values: Mapping[str, Any],
     environ: Mapping[str, str],
 ) -> str | tuple[str, ...] | None:
-    if setting.flag in flags:
-        given = flags[setting.flag]
-        if setting.multiple:
-            return (given,) if isinstance(given, str) else tuple(given)
-        return given if isinstance(given, str) else given[-1]
+    """The value of ``setting`` from the first place that has it.
+
+    Flag, then file, then environment; at each place the setting's own name
+    comes before a deprecated alias.
+    """
+    aliases = [a for a in ALIASES if a.setting == setting.flag]
+    for name in [setting.flag, *(a.flag for a in aliases)]:
+        if name in flags:
+            given = flags[name]
+            if setting.multiple:
+                values = [given] if isinstance(given, str) else list(given)
+                return tuple(v for text in values for v in _split(text))
+            return given if isinstance(given, str) else given[-1]
     if setting.key in file_values:
         return _file_value(setting, file_values[setting.key])
-    if setting.env in environ:
-        value = environ[setting.env]
-        if setting.multiple:
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-        return value
+    for env in [setting.env, *(a.env for a in aliases)]:
+        if env in environ:
+            value = environ[env]
+            return _split(value) if setting.multiple else value
     return () if setting.multiple else setting.default
+
+
+def _split(text: str) -> tuple[str, ...]:
+    """A comma-separated list, as Go's StringSlice flags read it."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def _file_value(setting: Setting, value: Any) -> str | tuple[str, ...]:
     where = f"--{setting.flag} (config key {setting.key})"
     if setting.multiple:
         if isinstance(value, str):
-            value = [value]
+            return _split(value)
         if not isinstance(value, list) or not all(
             isinstance(v, str | int | float) for v in value
         ):
@@ -304,7 +271,11 @@ def _file_value(setting: Setting, value: Any) -> str | tuple[str, ...]:
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML/TOML/JSON file into a flat ``{"dotted.key": value}`` map."""
+    """Read a YAML/TOML/JSON file into a flat ``{"dotted.key": value}`` map.
+
+    Keys of settings not supported yet are kept (the caller decides); keys
+    nobody knows are refused.
+    """
     parsers: dict[str, Callable[[bytes], Any]] = {
         ".toml": lambda b: tomllib.loads(b.decode("utf-8")),
         ".json": json.loads,
@@ -323,23 +294,32 @@ def _read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} must contain a map of settings")
     flat: dict[str, Any] = {}
     _flatten(data, "", flat)
-    known = {s.key for s in SETTINGS}
+    for old, new in KEY_ALIASES.items():
+        if old in flat:
+            value = flat.pop(old)
+            flat.setdefault(new, value)
+    known = _KNOWN_KEYS
     for key in flat:
         if key not in known:
             raise ConfigError(f"--config: unknown key {key!r} in {path}")
     return flat
 
 
+_KNOWN_KEYS = frozenset(
+    {s.key for s in SETTINGS} | {u.key for u in UNSUPPORTED if u.key is not None}
+)
+
+
 def _flatten(data: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and not any(s.key == dotted for s in SETTINGS):
+        if isinstance(value, dict) and dotted not in _KNOWN_KEYS:
             _flatten(value, dotted + ".", out)
         else:
             out[dotted] = value
 
 
-def _build(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+def _build(raw: Mapping[str, Any], environ: Mapping[str, str], warn: Warn) -> Config:
     def need(flag: str) -> str:
         value = raw[flag]
         if not value:
@@ -351,10 +331,10 @@ def _build(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     hostname = need("cache-hostname").strip()
     if "://" in hostname or "/" in hostname or not hostname or " " in hostname:
         raise ConfigError(
-            f"--cache-hostname: {hostname!r} must be a bare host name (no scheme, "
-            "no path)"
+            f"--cache-hostname: {redact_url(hostname)!r} must be a bare host name "
+            "(no scheme, no path)"
         )
-    backend = build_backend(raw)
+    backend = build_backend(raw, warn=warn)
 
     urls = tuple(_check_upstream_url(u) for u in raw["cache-upstream-url"])
     if not urls:
@@ -393,13 +373,11 @@ def _build(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         netrc_path = guess if guess is not None and guess.is_file() else None
 
     host, port = _parse_listen(raw["server-addr"])
-    level = str(raw["log-level"]).lower()
-    if level == "warning":
-        level = "warn"
-    if level not in LOG_LEVELS:
-        raise ConfigError(
-            f"--log-level: {raw['log-level']!r} is not one of {', '.join(LOG_LEVELS)}"
-        )
+    max_downloads = _count(
+        "--cache-upstream-max-downloads", raw.get("cache-upstream-max-downloads")
+    )
+    if max_downloads < 1:
+        raise ConfigError("--cache-upstream-max-downloads: must be at least 1")
     return Config(
         hostname=hostname,
         backend=backend,
@@ -414,33 +392,66 @@ def _build(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         netrc_file=netrc_path,
         listen_host=host,
         listen_port=port,
-        log_level=level,
+        log_level=log_level(str(raw["log-level"])),
+        max_downloads=max_downloads,
+        negative_ttl=_duration("cache-upstream-negative-ttl", raw, allow_zero=True),
+        max_connections=_count(
+            "--server-max-connections", raw.get("server-max-connections")
+        ),
+        read_header_timeout=_duration("server-read-header-timeout", raw),
+        idle_timeout=_duration("server-idle-timeout", raw),
+        log_format=log_format(str(raw["log-format"])),
     )
 
 
-def _duration(flag: str, raw: Mapping[str, Any]) -> float:
+def log_level(text: str) -> str:
+    """The ncps level (one of LOG_LEVELS) for a ``--log-level`` spelling."""
+    level = _LEVEL_SPELLINGS.get(text.strip().lower())
+    if level is None:
+        raise ConfigError(
+            f"--log-level: {text!r} is not one of trace, debug, info, warn, "
+            "error, fatal, panic"
+        )
+    return level
+
+
+def log_format(text: str) -> str:
+    """``text`` or ``json``, for a ``--log-format`` value."""
+    name = text.strip().lower()
+    if name not in LOG_FORMATS:
+        raise ConfigError(f"--log-format: {text!r} is not one of text, json")
+    return name
+
+
+def _duration(flag: str, raw: Mapping[str, Any], allow_zero: bool = False) -> float:
     try:
         value = parse_duration(str(raw[flag]))
     except ValueError as e:
         raise ConfigError(f"--{flag}: {e}") from None
-    if value <= 0:
+    if value <= 0 and not allow_zero:
         raise ConfigError(f"--{flag}: must be greater than zero")
     return value
 
 
 def _bool(flag: str, raw: Mapping[str, Any], flag_prefix: str = "") -> bool:
     default = SETTINGS_BY_FLAG[flag].default
+    text = str(raw.get(flag) or default)
+    # Go's strconv.ParseBool also takes t and f.
+    text = {"t": "true", "f": "false"}.get(text.strip().lower(), text)
     try:
-        return parse_bool(str(raw.get(flag) or default))
+        return parse_bool(text)
     except ValueError as e:
         raise ConfigError(f"--{flag_prefix}{flag}: {e}") from None
 
 
-def build_backend(raw: Mapping[str, Any], flag_prefix: str = "") -> Backend:
+def build_backend(
+    raw: Mapping[str, Any], flag_prefix: str = "", warn: Warn | None = None
+) -> Backend:
     """The storage and database settings out of ``raw`` (keyed by flag name).
 
-    ``flag_prefix`` is put in front of flag names in error messages (the copy
-    tool's ``from-``/``to-`` sides).
+    ``flag_prefix`` is put in front of flag names in error and warning
+    messages (the copy tool's ``from-``/``to-`` sides).  ``warn`` gets one
+    line for each value taken with a guess (an S3 endpoint without scheme).
     """
 
     def flag(name: str) -> str:
@@ -484,11 +495,21 @@ def build_backend(raw: Mapping[str, Any], flag_prefix: str = "") -> Backend:
                     f"or {s.key})"
                 )
         endpoint = str(s3_values["endpoint"])
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if "://" not in endpoint:
+            # The Go ncps's examples give host:port; it means TLS.
+            guessed = f"https://{endpoint}"
+            if warn is not None:
+                warn(
+                    f"{flag('cache-storage-s3-endpoint')}: "
+                    f"{redact_url(endpoint)!r} has no scheme; using "
+                    f"{redact_url(guessed)} (write http:// for plain HTTP)"
+                )
+            endpoint = guessed
+        parts = _split_url(endpoint)
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
-                f"{flag('cache-storage-s3-endpoint')}: {endpoint!r} must be an "
-                "http:// or https:// URL"
+                f"{flag('cache-storage-s3-endpoint')}: {redact_url(endpoint)!r} "
+                "must be an http:// or https:// URL"
             )
         storage_s3 = S3Settings(
             bucket=str(s3_values["bucket"]),
@@ -595,27 +616,54 @@ def check_database_url(url: str, flag: str = "--cache-database-url") -> None:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with any password replaced by ``***``.
+
+    Works on text that is not a valid URL too: whatever sits between the
+    first ``:`` after the scheme's ``//`` and the last ``@`` of the authority
+    is hidden.
+    """
+    scheme, sep, rest = url.partition("//")
+    if not sep:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    authority = rest.partition("/")[0]
+    if "@" not in authority:
+        # A password with a raw "/" cuts the authority short: "user:pa".
+        port = authority.rpartition(":")[2]
+        if ":" not in authority or port.isdigit() or "@" not in rest:
+            return url
+        authority = rest.rpartition("@")[0] + "@"
+    userinfo, _, host = authority.rpartition("@")
+    if ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}//{user}:***@{rest[len(authority) - len(host) :]}"
+
+
+def _split_url(url: str) -> SplitResult | None:
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
 
 
 def _check_upstream_url(url: str) -> str:
+    """An upstream URL, possibly with credentials (as Nix takes them).
+
+    Error messages show the URL with its password hidden.
+    """
     url = url.strip()
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    shown = redact_url(url)
+    parts = _split_url(url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
-            f"--cache-upstream-url: {url!r} must be an http:// or https:// URL"
+            f"--cache-upstream-url: {shown!r} must be an http:// or https:// URL"
         )
     if parts.fragment:
-        raise ConfigError(f"--cache-upstream-url: {url!r} must not have a fragment")
+        raise ConfigError(f"--cache-upstream-url: {shown!r} must not have a fragment")
     try:
         parts.port  # noqa: B018 - validates the port
     except ValueError:
-        raise ConfigError(f"--cache-upstream-url: {url!r} has a bad port") from None
+        raise ConfigError(f"--cache-upstream-url: {shown!r} has a bad port") from None
     return url
 
 

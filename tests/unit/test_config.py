@@ -481,13 +481,13 @@ def _error(
         (
             {
                 "cache_storage_s3_bucket": "b",
-                "cache_storage_s3_endpoint": "127.0.0.1:9000",
+                "cache_storage_s3_endpoint": "ftp://127.0.0.1:9000",
                 "cache_storage_s3_access_key_id": "k",
                 "cache_storage_s3_secret_access_key": "s",
                 "cache_database_url": "postgresql://db.example/ncps",
             },
             ("cache-storage-local",),
-            "--cache-storage-s3-endpoint: '127.0.0.1:9000' must be an http",
+            "--cache-storage-s3-endpoint: 'ftp://127.0.0.1:9000' must be an http",
         ),
         (
             {
