@@ -214,7 +214,7 @@ def test_absent_statuses_are_not_found(status: int) -> None:
         result_of(fetch(pool, stub, clock))
 
 
-@pytest.mark.parametrize("status", [500, 502, 401, 302])
+@pytest.mark.parametrize("status", [500, 502, 401, 300])
 def test_other_statuses_are_upstream_errors(status: int) -> None:
     up = FakeUpstream()
     up.set(
