@@ -5,8 +5,13 @@ parse, check the store path and the signature, rewrite the URL to our own
 ``nar/<key>.nar[.ext]``, persist, start fetching the NAR, serve.
 
 NAR: committed object -> serve the file; download in flight -> tail it;
-otherwise -> start the download described by a stored narinfo.  A NAR nobody
-has a narinfo for is not fetched: we could not verify it.
+otherwise -> start the download described by a stored narinfo (through
+:class:`ncps.nars.NarFetcher`: bounded, clients before prefetches, failover
+to other upstreams with the same NAR).  A NAR nobody has a narinfo for is
+not fetched: we could not verify it.
+
+A narinfo that every upstream said it does not have is remembered as missing
+for ``negative_ttl`` seconds (:mod:`ncps.negative`).
 """
 
 from __future__ import annotations
@@ -14,8 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -30,7 +34,9 @@ from ncps.download import NarDownload
 from ncps.errors import NotFound, UpstreamError
 from ncps.logs import ncps_observer
 from ncps.narinfo import NarInfo, NarInfoError
-from ncps.narsink import VERIFIABLE_COMPRESSIONS, Expected, NarSink
+from ncps.nars import NarFetcher, announced_length
+from ncps.narsink import VERIFIABLE_COMPRESSIONS
+from ncps.negative import NegativeCache
 from ncps.nix32 import encode as nix32_encode
 from ncps.signing import SecretKey, TrustedKeys, sign_narinfo
 from ncps.storage.base import NarStore, StoredNar, nar_file_name
@@ -75,12 +81,7 @@ def nar_key_for(ni: NarInfo) -> str:
     return nix32_encode(h.digest)
 
 
-def announced_length(ni: NarInfo) -> int | None:
-    if ni.file_size is not None:
-        return ni.file_size
-    if ni.compression == "none":
-        return ni.nar_size
-    return None
+__all__ = ["Cache", "NarBody", "Rejected", "announced_length", "nar_key_for"]
 
 
 class Cache:
@@ -97,10 +98,14 @@ class Cache:
         signer: SecretKey | None,
         io: Runner,
         store_io: Runner | None = None,
+        max_downloads: int = 32,
+        negative_ttl: float = 10.0,
     ) -> None:
         """``io`` runs temp-file work (writing, hashing, fsync); ``store_io``
         runs the store's own calls (the io pool for local disk, the s3 pool
-        for S3)."""
+        for S3).  At most ``max_downloads`` upstream NAR downloads run at
+        once; a narinfo no upstream has is answered 404 without asking them
+        again for ``negative_ttl`` seconds (0 turns that off)."""
         self._clock = clock
         self._db = db
         self._store = store
@@ -110,8 +115,17 @@ class Cache:
         self._signer = signer
         self._io = io
         self._narinfo_fetches: Coalescer[NarInfoRecord] = Coalescer()
-        self._download_starts: Coalescer[NarDownload] = Coalescer()
-        self._downloads: dict[tuple[str, str], NarDownload] = {}
+        self._missing = NegativeCache(clock, negative_ttl)
+        self.nars = NarFetcher(
+            clock=clock,
+            db=db,
+            store=store,
+            upstreams=upstreams,
+            io=io,
+            store_io=self._store_io,
+            other_sources=self.other_sources,
+            max_downloads=max_downloads,
+        )
         # hash -> (signed narinfo text, clock time the next access is recorded)
         self._rendered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
 
@@ -150,8 +164,10 @@ class Cache:
         """
         if kind == "narinfo":
             self._rendered.pop(arg, None)
+            self._missing.discard(arg)
         elif kind == "resync":
             self._rendered.clear()
+            self._missing.clear()
 
     def render(self, record: NarInfoRecord) -> bytes:
         """The narinfo text we serve, signed with our key if signing is on."""
@@ -166,6 +182,8 @@ class Cache:
         if record is not None:
             self._touch(record)
             return record
+        if hash_part in self._missing:
+            raise NotFound(hash_part)
         return await self._narinfo_fetches.run(
             hash_part, lambda: self._fetch_narinfo(hash_part)
         )
@@ -184,12 +202,16 @@ class Cache:
 
     async def _fetch_narinfo(self, hash_part: str) -> NarInfoRecord:
         await self._upstreams.first_check()
+        # Remembered as missing only if every upstream said so: an error, a
+        # timeout or a narinfo we rejected may be different next time.
+        definitive = True
         for upstream in self._upstreams.ordered():
             try:
                 text = await self._upstreams.fetch_narinfo(upstream, hash_part)
             except NotFound:
                 continue
             except UpstreamError as e:
+                definitive = False
                 log.warn(
                     "upstream {url} failed for {hash}: {why}",
                     url=upstream.url,
@@ -200,6 +222,7 @@ class Cache:
             try:
                 record = self.ingest(upstream.url, hash_part, text)
             except Rejected as e:
+                definitive = False
                 log.warn(
                     "rejected narinfo {hash} from {url}: {why}",
                     hash=hash_part,
@@ -208,8 +231,11 @@ class Cache:
                 )
                 continue
             stored: NarInfoRecord = await self._db.put_narinfo(record)
+            self._missing.discard(hash_part)
             self._prefetch(stored)
             return stored
+        if definitive:
+            self._missing.add(hash_part)
         raise NotFound(hash_part)
 
     def ingest(self, base_url: str, hash_part: str, text: bytes) -> NarInfoRecord:
@@ -239,9 +265,13 @@ class Cache:
     # -- NAR -----------------------------------------------------------------------
 
     async def nar(self, nar_key: str, compression: str) -> NarBody:
-        """Open a NAR for sending; raises NotFound or UpstreamError."""
-        download = self._downloads.get((nar_key, compression))
-        if download is not None and not download.done:
+        """Open a NAR for sending.
+
+        Raises NotFound, UpstreamError, IntegrityError, or Overloaded when
+        no download slot came free in time.
+        """
+        download = self.nars.in_flight((nar_key, compression))
+        if download is not None:
             return NarBody(download.open_reader(), download.expected_length, download)
         nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
         if nar_file is not None:
@@ -265,7 +295,7 @@ class Cache:
         )
         if record is None:
             raise NotFound(f"{nar_key}.nar ({compression})")
-        download = await self._start_download(record)
+        download = await self.nars.fetch(record)
         if download.done:
             await download.when_done()
             body = await self._open_committed(nar_key, compression)
@@ -279,8 +309,8 @@ class Cache:
 
         Returns None when the length is not known yet; raises :class:`NotFound`.
         """
-        download = self._downloads.get((nar_key, compression))
-        if download is not None and not download.done:
+        download = self.nars.in_flight((nar_key, compression))
+        if download is not None:
             return download.expected_length
         nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
         if nar_file is None:
@@ -319,11 +349,13 @@ class Cache:
             os.close(body.fd)
 
     def _prefetch(self, record: NarInfoRecord) -> None:
+        """Start fetching a new narinfo's NAR; never awaited, never fails."""
+
         async def prefetch() -> None:
             ni = record.narinfo
             if await self._db.get_nar_file(record.nar_key, ni.compression) is not None:
                 return
-            await self._start_download(record)
+            self.nars.prefetch(record)
 
         def failed(f: Failure) -> None:
             log.warn(
@@ -334,70 +366,36 @@ class Cache:
 
         Deferred.fromCoroutine(prefetch()).addErrback(failed)
 
-    def _start_download(self, record: NarInfoRecord) -> Deferred[NarDownload]:
-        key = (record.nar_key, record.narinfo.compression)
-        existing = self._downloads.get(key)
-        if existing is not None and not existing.done:
-            return Deferred.fromCoroutine(_value(existing))
-        return self._download_starts.run(key, lambda: self._begin_download(record))
+    async def other_sources(self, record: NarInfoRecord) -> AsyncIterator[str]:
+        """NAR URLs on the other upstreams for ``record``'s NAR, for failover.
 
-    async def _begin_download(self, record: NarInfoRecord) -> NarDownload:
+        An upstream qualifies only when its narinfo for the same store path
+        passes every ingest check (signature, store path, URL) and names the
+        very object we store: same NarHash, NarSize, compression and file
+        key (FileHash, else NarHash).  The bytes are then still checked
+        against our stored narinfo, whoever serves them.
+        """
         ni = record.narinfo
-        key = (record.nar_key, ni.compression)
-        upstream = self._upstreams.upstream_for(record.upstream_url)
-        response = await self._upstreams.open_nar(upstream, record.upstream_url)
-        fd, temp = await self._io.run(self._store.new_temp_file_thd, record.nar_key)
-        expected = Expected(
-            compression=ni.compression,
-            nar_hash=ni.nar_hash,
-            nar_size=ni.nar_size,
-            file_hash=ni.file_hash,
-            file_size=ni.file_size,
-        )
-        download = NarDownload(
-            clock=self._clock,
-            name=ni.url,
-            temp_path=temp,
-            sink=NarSink(fd, expected),
-            run_io=self._io.run,
-            commit=lambda: Deferred.fromCoroutine(self._commit(record, temp, download)),
-            discard=lambda: self._io.run(self._store.discard_thd, temp),
-            expected_length=announced_length(ni),
-            read_fd=os.open(temp, os.O_RDONLY),
-        )
-        self._downloads[key] = download
-
-        def forget(result: Any) -> None:
-            if self._downloads.get(key) is download:
-                del self._downloads[key]
-
-        download.when_done().addBoth(forget)
-        log.info(
-            "fetching {url} from {upstream}", url=ni.url, upstream=record.upstream_url
-        )
-        response.deliverBody(download.body_protocol())
-        return download
-
-    async def _commit(
-        self, record: NarInfoRecord, temp: Path, download: NarDownload
-    ) -> None:
-        ni = record.narinfo
-        await self._store_io.run(
-            self._store.commit_thd, temp, record.nar_key, ni.compression
-        )
-        await self._db.put_nar_file(
-            NarFile(
-                nar_key=record.nar_key,
-                compression=ni.compression,
-                file_size=download.written,
-                nar_hash=ni.nar_hash,
-                nar_size=ni.nar_size,
-            )
-        )
-        log.info(
-            "cached {url} ({size} bytes, verified)", url=ni.url, size=download.written
-        )
-
-
-async def _value(x: NarDownload) -> NarDownload:
-    return x
+        primary = self._upstreams.upstream_for(record.upstream_url)
+        for upstream in self._upstreams.ordered():
+            if upstream.url == primary.url:
+                continue
+            try:
+                text = await self._upstreams.fetch_narinfo(upstream, ni.hash_part)
+                other = self.ingest(upstream.url, ni.hash_part, text)
+            except (NotFound, UpstreamError, Rejected):
+                continue
+            theirs = other.narinfo
+            if (
+                other.nar_key != record.nar_key
+                or theirs.compression != ni.compression
+                or theirs.nar_hash != ni.nar_hash
+                or theirs.nar_size != ni.nar_size
+            ):
+                log.info(
+                    "{url} has {path} as another file; not failing over to it",
+                    url=upstream.url,
+                    path=ni.store_path,
+                )
+                continue
+            yield other.upstream_url

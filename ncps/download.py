@@ -38,11 +38,20 @@ from ncps.narsink import NarSink
 
 log = Logger(observer=ncps_observer)
 
-# Pause the upstream when this much is waiting for the io pool.
-HIGH_WATER = 8 << 20
-LOW_WATER = 2 << 20
+# Pause the upstream when this much is waiting for the io pool; the waiting
+# bytes go to the pool as one batch, and the upstream resumes once what waits
+# is below LOW_WATER again.  A download holds at most about two batches (one
+# waiting, one being written): some 2 MiB, whatever the NAR size.
+HIGH_WATER = 1 << 20
+LOW_WATER = 256 << 10
 # Abort an upstream body that sends nothing for this long.
 IDLE_TIMEOUT = 120.0
+# Throughput floor: in every THROUGHPUT_WINDOW seconds during which the body
+# was flowing (time while we paused the upstream for backpressure does not
+# count), at least THROUGHPUT_FLOOR bytes must arrive.  A body dripping a few
+# bytes at a time resets the idle timer forever; this ends it after a window.
+THROUGHPUT_WINDOW = 30.0
+THROUGHPUT_FLOOR = 16 << 10
 
 Listener = Callable[[], None]
 
@@ -84,12 +93,21 @@ class NarDownload:
         self._paused = False
         self._transport: IPushProducer | None = None
         self._idle: IDelayedCall | None = None
+        # The throughput window: bytes in it, flowing seconds left in it, and
+        # when the flowing part that is running now began.
+        self._window: IDelayedCall | None = None
+        self._window_bytes = 0
+        self._window_left = THROUGHPUT_WINDOW
+        self._window_since = 0.0
+        self.received = 0  # bytes of body accepted from the upstream
         self.written = 0
         self.verified = False  # every byte checked: clients may have all of it
         self.committed = False  # durable in the store and recorded
         self.failure: Failure | None = None
         self._listeners: set[Listener] = set()
         self._finished: list[Deferred[None]] = []
+        self._released = False
+        self._on_released: list[Deferred[None]] = []
 
     # -- observers -------------------------------------------------------------
 
@@ -139,6 +157,26 @@ class NarDownload:
             self._finished.append(d)
         return d
 
+    def when_released(self) -> Deferred[None]:
+        """A new Deferred that fires (never fails) once the download holds
+        nothing any more: the upstream connection is closed or finished, and
+        the temp file is closed and committed or deleted.  Descriptors that
+        :meth:`open_reader` handed out belong to their callers."""
+        d: Deferred[None] = Deferred()
+        if self._released:
+            d.callback(None)
+        else:
+            self._on_released.append(d)
+        return d
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        waiters, self._on_released = self._on_released, []
+        for d in waiters:
+            d.callback(None)
+
     def _notify(self) -> None:
         for listener in list(self._listeners):
             listener()
@@ -152,6 +190,7 @@ class NarDownload:
     def _connected(self, transport: IPushProducer) -> None:
         self._transport = transport
         self._reset_idle()
+        self._start_window()
 
     def _reset_idle(self) -> None:
         if self._idle is not None and self._idle.active():
@@ -159,27 +198,66 @@ class NarDownload:
         else:
             self._idle = self._clock.callLater(IDLE_TIMEOUT, self._idle_expired)
 
+    def _stop_timers(self) -> None:
+        for call in (self._idle, self._window):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._window = None
+
     def _idle_expired(self) -> None:
         self._idle = None
-        if self._transport is not None:
-            self._transport.stopProducing()
-        self._fail(Failure(UpstreamError(f"upstream stalled on {self.name}")))
+        self._give_up(f"upstream stalled on {self.name}")
+
+    def _start_window(self) -> None:
+        self._window_since = self._clock.seconds()
+        self._window = self._clock.callLater(self._window_left, self._window_over)
+
+    def _window_over(self) -> None:
+        self._window = None
+        if self._window_bytes < THROUGHPUT_FLOOR:
+            self._give_up(
+                f"upstream too slow on {self.name}: {self._window_bytes} bytes "
+                f"in {THROUGHPUT_WINDOW:g} s"
+            )
+            return
+        self._window_bytes = 0
+        self._window_left = THROUGHPUT_WINDOW
+        self._start_window()
+
+    def _give_up(self, why: str) -> None:
+        self._fail(Failure(UpstreamError(why)))  # stops the upstream too
+
+    def _pause(self) -> None:
+        """Stop the upstream for backpressure; its timers stop with it."""
+        assert self._transport is not None
+        self._paused = True
+        self._transport.pauseProducing()
+        elapsed = self._clock.seconds() - self._window_since
+        self._window_left = max(0.0, self._window_left - elapsed)
+        self._stop_timers()
+
+    def _resume(self) -> None:
+        assert self._transport is not None
+        self._paused = False
+        self._transport.resumeProducing()
+        self._reset_idle()
+        self._start_window()
 
     def _data(self, data: bytes) -> None:
         if self.done:
             return
-        self._reset_idle()
+        self.received += len(data)
+        self._window_bytes += len(data)
+        if not self._paused:
+            self._reset_idle()
         self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes > HIGH_WATER and not self._paused and self._transport:
-            self._paused = True
-            self._transport.pauseProducing()
+            self._pause()
         self._flush()
 
     def _body_end(self, reason: Failure) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
+        self._stop_timers()
         self._transport = None
         if self.done:
             return
@@ -214,8 +292,7 @@ class NarDownload:
                 self._written, self._io_failed
             )
             if self._paused and self._transport is not None:
-                self._paused = False
-                self._transport.resumeProducing()
+                self._resume()
         elif self._body_done:
             self._io_busy = True
             d = self._run_io(self._sink.finish_thd)
@@ -235,7 +312,12 @@ class NarDownload:
 
     def _io_failed(self, failure: Failure) -> None:
         self._io_busy = False
-        self._fail(failure)
+        if self.failure is not None:
+            # Failed meanwhile (the upstream broke during the write): the
+            # temp file waited for this write to end before going.
+            self._cleanup()
+        else:
+            self._fail(failure)
 
     def _verified(self, size: int) -> None:
         # Release the held-back byte now: the clients need not wait for the
@@ -248,6 +330,7 @@ class NarDownload:
         self._io_busy = False
         self.committed = True
         self._close_reader()
+        self._release()
         waiters, self._finished = self._finished, []
         for d in waiters:
             d.callback(None)
@@ -269,8 +352,7 @@ class NarDownload:
                 name=self.name,
                 reason=failure.getErrorMessage(),
             )
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        self._stop_timers()
         if self._transport is not None:
             transport, self._transport = self._transport, None
             transport.stopProducing()
@@ -285,7 +367,21 @@ class NarDownload:
     def _cleanup(self) -> None:
         """Close and delete the temp file (never while the sink is in use)."""
         self._io_busy = True
-        self._run_io(self._sink.close_thd).addBoth(lambda _: self._discard())
+
+        def closed(_: object) -> Deferred[None]:
+            return self._discard()
+
+        def discarded(result: object) -> None:
+            if isinstance(result, Failure):
+                log.warn(
+                    "deleting the temp file of {name}: {why}",
+                    name=self.name,
+                    why=result.getErrorMessage(),
+                )
+            self._io_busy = False
+            self._release()  # _fail let go of the upstream before this
+
+        self._run_io(self._sink.close_thd).addBoth(closed).addBoth(discarded)
 
 
 class _BodyReceiver(Protocol):

@@ -27,6 +27,10 @@ class StorageError(NcpsError):
     """The NAR store (S3, or the disk) failed; the request may be retried (503)."""
 
 
+class Overloaded(NcpsError):
+    """Too many downloads: a request waited too long for a slot (503, Retry-After)."""
+
+
 class DatabaseUnavailable(NcpsError):
     """The database failed even after retries; the request may be retried (503)."""
 

@@ -3,6 +3,13 @@
 A :class:`NarSink` belongs to exactly one download and is only ever used by one
 pool thread at a time (the download hands it one batch of chunks after the
 other), so it needs no locks.  Every method here blocks.
+
+Hostile bodies cost bounded work: the compressed bytes are capped (by
+FileSize, else by :func:`compressed_cap` of NarSize, which every compressor
+stays under even on incompressible data), and decoding is linear in them:
+input reaches a decompressor in slices that start small with each stream, so
+the copy a decompressor makes of what follows the end of a stream stays in
+proportion to the stream, however many tiny streams are concatenated.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import bz2
 import hashlib
 import lzma
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -23,6 +30,10 @@ from ncps.nixhash import NixHash
 # Compressions whose NarHash we can check while the bytes stream in.
 VERIFIABLE_COMPRESSIONS = frozenset({"none", "xz", "zstd", "bzip2"})
 _OUT_CHUNK = 1 << 20
+# Pieces of input handed to an xz/bzip2 decompressor in one call: the first
+# of each stream is small, the next ones double up to the largest.
+_FIRST_SLICE = 16
+_IN_SLICE = 64 << 10
 # zstd frames may ask for a window of at most this size (bounded memory).
 _ZSTD_MAX_WINDOW = 1 << 27
 
@@ -36,6 +47,18 @@ class Expected:
     nar_size: int
     file_hash: NixHash | None = None
     file_size: int | None = None
+
+
+def compressed_cap(nar_size: int) -> int:
+    """Most compressed bytes we accept for a NAR of ``nar_size`` without FileSize.
+
+    Incompressible data grows by under 0.01% plus about 60 bytes of headers
+    in xz, by about 0.5% plus 50 bytes in bzip2 and by under 0.4% plus a
+    few bytes per 128 KiB block in zstd; NarSize + 1/32 + 64 KiB leaves a wide
+    margin (for many concatenated streams or frames too) while it keeps
+    junk (skippable frames, empty blocks) from streaming without end.
+    """
+    return nar_size + nar_size // 32 + (64 << 10)
 
 
 class _Decoder(Protocol):
@@ -71,27 +94,45 @@ class _Identity:
 
 
 class _Stdlib:
-    """xz and bzip2, via decompressors that honour ``max_length``."""
+    """xz and bzip2, via decompressors that honour ``max_length``.
+
+    ``fed`` counts the bytes handed to decompressors: decoding is linear
+    because it stays within a small multiple of the input size, however many
+    streams the input holds.
+    """
 
     def __init__(
         self,
         out: _NarCounter,
-        make: type[lzma.LZMADecompressor] | type[bz2.BZ2Decompressor],
+        make: Callable[[], lzma.LZMADecompressor | bz2.BZ2Decompressor],
     ) -> None:
         self.out = out
         self.make = make
         self.dec: lzma.LZMADecompressor | bz2.BZ2Decompressor = make()
+        self.slice = _FIRST_SLICE
+        self.fed = 0
 
     def feed(self, data: bytes) -> None:
-        while data or not self.dec.needs_input:
+        view = memoryview(data)
+        offset = 0
+        while offset < len(view):
             if self.dec.eof:
                 # Concatenated streams (as ``xz``/``bzip2`` produce) decode on.
-                data = self.dec.unused_data + data
-                if not data:
-                    return
                 self.dec = self.make()
-            self.out.write(self.dec.decompress(data, _OUT_CHUNK))
-            data = b""
+                self.slice = _FIRST_SLICE
+            piece = view[offset : offset + self.slice]
+            self.fed += len(piece)
+            self.out.write(self.dec.decompress(piece, _OUT_CHUNK))
+            while not self.dec.eof and not self.dec.needs_input:
+                self.out.write(self.dec.decompress(b"", _OUT_CHUNK))
+            if self.dec.eof:
+                # The decompressor gives back (copies) what it did not read;
+                # slices grow from small with each stream, so what is handed
+                # over twice stays a fraction of what the stream used.
+                offset += len(piece) - len(self.dec.unused_data)
+            else:
+                offset += len(piece)
+                self.slice = min(self.slice * 2, _IN_SLICE)
 
     def finish(self) -> None:
         if not self.dec.eof:
@@ -121,6 +162,11 @@ class _Zstd:
             raise IntegrityError(f"zstd NAR does not decode: {e}") from None
 
 
+def _xz_decompressor() -> lzma.LZMADecompressor:
+    # The .xz container only: never lzma-alone or raw streams.
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+
+
 class NarSink:
     """Receives the compressed bytes of one NAR into a temp file and checks them.
 
@@ -137,6 +183,11 @@ class NarSink:
         self.fd = fd
         self.expected = expected
         self.file_size = 0
+        self.file_cap = (
+            expected.file_size
+            if expected.file_size is not None
+            else compressed_cap(expected.nar_size)
+        )
         # For an uncompressed NAR the file *is* the NAR: its FileHash (checked
         # equal to NarHash at ingest) needs no second pass over the bytes.
         same = expected.file_hash is None or expected.file_hash == expected.nar_hash
@@ -150,12 +201,12 @@ class NarSink:
         elif expected.compression == "zstd":
             self.decoder = _Zstd(self.nar)
         else:
-            make = (
-                lzma.LZMADecompressor
+            self.decoder = _Stdlib(
+                self.nar,
+                _xz_decompressor
                 if expected.compression == "xz"
-                else bz2.BZ2Decompressor
+                else bz2.BZ2Decompressor,
             )
-            self.decoder = _Stdlib(self.nar, make)
 
     def write_thd(self, chunks: Iterable[bytes]) -> int:
         for chunk in chunks:
@@ -164,12 +215,14 @@ class NarSink:
                 n = os.write(self.fd, view)
                 view = view[n:]
             self.file_size += len(chunk)
-            if (
-                self.expected.file_size is not None
-                and self.file_size > self.expected.file_size
-            ):
+            if self.file_size > self.file_cap:
+                if self.expected.file_size is not None:
+                    raise IntegrityError(
+                        f"download is larger than its FileSize {self.file_cap}"
+                    )
                 raise IntegrityError(
-                    f"download is larger than its FileSize {self.expected.file_size}"
+                    f"download is larger than {self.file_cap} bytes, the most a "
+                    f"NAR of NarSize {self.expected.nar_size} may compress to"
                 )
             if self.file_hash is not None:
                 self.file_hash.update(chunk)

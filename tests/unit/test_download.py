@@ -18,7 +18,13 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from ncps import download as download_mod
-from ncps.download import HIGH_WATER, IDLE_TIMEOUT, NarDownload
+from ncps.download import (
+    HIGH_WATER,
+    IDLE_TIMEOUT,
+    THROUGHPUT_FLOOR,
+    THROUGHPUT_WINDOW,
+    NarDownload,
+)
 from ncps.errors import IntegrityError, UpstreamError
 from ncps.narsink import Expected, NarSink
 from ncps.testing import (
@@ -182,12 +188,12 @@ def test_pauses_above_high_water_and_resumes_when_the_pool_takes_the_batch(
     assert len(runner.queue) == 1
     runner.run_next()  # first batch written: the backlog goes, upstream resumes
     assert rig.transport.events == ["pause", "resume"]
-    rig.protocol.dataReceived(big[offset:])
+    rig.protocol.dataReceived(big[offset:])  # a big piece: pauses again
     rig.end()
     runner.run_all()
     assert rig.commits == [1]
     assert rig.temp.read_bytes() == big
-    assert rig.transport.events == ["pause", "resume"]
+    assert rig.transport.events == ["pause", "resume", "pause"]
 
 
 def test_verified_bytes_are_released_before_the_commit(make_rig: Any) -> None:
@@ -249,7 +255,10 @@ def test_broken_upstream_body_fails(make_rig: Any) -> None:
     assert rig.commits == [] and rig.discards == [1]
 
 
-def test_idle_upstream_times_out(make_rig: Any) -> None:
+def test_idle_upstream_times_out(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(download_mod, "THROUGHPUT_FLOOR", 0)
     rig: Rig = make_rig()
     done = rig.download.when_done()
     rig.feed(FILE[:1000])
@@ -306,3 +315,88 @@ def test_failure_while_the_pool_is_busy_cleans_up_after_the_batch(
 
 def test_high_water_constants_are_sane() -> None:
     assert download_mod.LOW_WATER < download_mod.HIGH_WATER
+
+
+def test_memory_per_download_is_small() -> None:
+    assert HIGH_WATER <= 1 << 20
+
+
+def test_a_dripping_body_is_aborted_after_one_window(make_rig: Any) -> None:
+    rig: Rig = make_rig()
+    done = rig.download.when_done()
+    released = rig.download.when_released()
+    steps = int(THROUGHPUT_WINDOW)
+    for i in range(steps - 1):
+        rig.protocol.dataReceived(FILE[i : i + 1])  # a byte a second: never idle
+        rig.clock.advance(1)
+    assert not done.called
+    rig.clock.advance(1)
+    assert rig.transport.events == ["stop"]
+    with pytest.raises(UpstreamError, match="too slow"):
+        result_of(done)
+    assert rig.discards == [1] and not rig.temp.exists()
+    assert result_of(released) is None
+    assert rig.clock.getDelayedCalls() == []
+
+
+def test_a_body_above_the_floor_goes_on_window_after_window(make_rig: Any) -> None:
+    nar = random_nar(THROUGHPUT_FLOOR * 8, seed=12)
+    exp = Expected("none", sha256(nar), len(nar), None, None)
+    rig: Rig = make_rig(exp)
+    done = rig.download.when_done()
+    step = THROUGHPUT_FLOOR // 2
+    for i in range(0, len(nar), step):
+        rig.protocol.dataReceived(nar[i : i + step])
+        rig.clock.advance(THROUGHPUT_WINDOW / 2)
+    assert not done.called
+    rig.end()
+    assert result_of(done) is None
+
+
+def test_time_paused_for_backpressure_is_not_held_against_the_upstream(
+    make_rig: Any,
+) -> None:
+    runner = ManualRunner()
+    big = random_nar(HIGH_WATER * 3, seed=13)
+    exp = Expected("none", sha256(big), len(big), None, None)
+    rig: Rig = make_rig(exp, runner)
+    done = rig.download.when_done()
+    rig.clock.advance(THROUGHPUT_WINDOW - 1)  # a slow start, almost a window
+    piece = 64 << 10
+    offset = 0
+    while "pause" not in rig.transport.events:
+        rig.protocol.dataReceived(big[offset : offset + piece])
+        offset += piece
+    # The pool is stuck for long: neither the idle timer nor the floor fire.
+    rig.clock.advance(IDLE_TIMEOUT * 3)
+    assert not done.called and not rig.transport.stopped
+    runner.run_next()
+    assert rig.transport.events == ["pause", "resume"]
+    rig.protocol.dataReceived(big[offset:])
+    rig.end()
+    runner.run_all()
+    assert result_of(done) is None
+
+
+def test_released_after_the_commit(make_rig: Any) -> None:
+    rig: Rig = make_rig()
+    released = rig.download.when_released()
+    rig.feed(FILE)
+    assert not released.called
+    rig.end()
+    assert result_of(released) is None
+    assert result_of(rig.download.when_released()) is None
+
+
+def test_a_write_failing_after_the_body_broke_still_removes_the_temp_file(
+    make_rig: Any,
+) -> None:
+    runner = ManualRunner()
+    rig: Rig = make_rig(expected(file_size=100), runner)
+    released = rig.download.when_released()
+    rig.protocol.dataReceived(FILE[:1000])  # the pool will refuse it (FileSize)
+    rig.end(Failure(ConnectionLost("reset")))
+    assert rig.discards == [] and not released.called
+    runner.run_all()
+    assert rig.discards == [1] and not rig.temp.exists()
+    assert result_of(released) is None

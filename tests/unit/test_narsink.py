@@ -6,6 +6,8 @@ import bz2
 import functools
 import lzma
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import zstandard
 
 from ncps.errors import IntegrityError
-from ncps.narsink import Expected, NarSink
+from ncps.narsink import Expected, NarSink, compressed_cap
 from ncps.testing import compress, random_nar, sha256
 
 COMPRESSIONS = ["none", "xz", "zstd", "bzip2"]
@@ -255,3 +257,109 @@ def test_sync_closes_the_descriptor_after_finish(sink_file: tuple[Path, int]) ->
     with pytest.raises(OSError):
         os.fstat(fd)
     assert path.read_bytes() == file
+
+
+# -- hostile bodies: bounded and linear ------------------------------------------------
+
+TINY = random_nar(100, seed=8)
+JUNK = 20 << 20
+CHUNK = 64 << 10
+
+
+def _crc(data: bytes) -> bytes:
+    return struct.pack("<I", zlib.crc32(data))
+
+
+def xz_stream_of_empty_blocks(size: int) -> bytes:
+    """An .xz stream header followed by ``size`` bytes of empty LZMA2 blocks."""
+    flags = b"\x00\x00"  # no integrity check
+    header = b"\xfd7zXZ\x00" + flags + _crc(flags)
+    block_header = bytes([2, 0, 0x21, 1, 0, 0, 0, 0])
+    block = block_header + _crc(block_header) + b"\x00" + b"\x00" * 3
+    return header + block * (size // len(block))
+
+
+def feed_until_refused(sink: NarSink, data: bytes) -> int:
+    """Feed ``data`` in CHUNK pieces until the sink refuses; the bytes fed."""
+    fed = 0
+    with pytest.raises(IntegrityError, match="the most a NAR of NarSize"):
+        for piece in pieces(data, CHUNK):
+            fed += len(piece)
+            sink.write_thd([piece])
+    return fed
+
+
+def test_cap_without_file_size_leaves_room_for_incompressible_data() -> None:
+    for nar_size in (1, 100, 4096, 1 << 20, 1 << 30):
+        assert compressed_cap(nar_size) > nar_size * 1.01 + 1000
+        assert compressed_cap(nar_size) < nar_size * 1.05 + (1 << 20)
+    incompressible = os.urandom(1 << 20)
+    for compression in ("xz", "zstd", "bzip2"):
+        file = compress(incompressible, compression)
+        assert len(file) < compressed_cap(len(incompressible))
+
+
+def test_endless_xz_stream_of_empty_blocks_is_refused_after_the_cap(
+    sink_file: tuple[Path, int],
+) -> None:
+    path, fd = sink_file
+    exp = expected_for(TINY, b"", "xz", file_size=None, file_hash=None)
+    sink = NarSink(fd, exp)
+    fed = feed_until_refused(sink, xz_stream_of_empty_blocks(JUNK))
+    cap = compressed_cap(len(TINY))
+    assert cap < fed <= cap + CHUNK
+    assert sink.decoder.fed <= 2 * fed  # type: ignore[attr-defined]
+    assert path.stat().st_size <= cap + CHUNK
+
+
+def test_concatenated_empty_xz_streams_are_refused_after_the_cap(
+    sink_file: tuple[Path, int],
+) -> None:
+    _, fd = sink_file
+    junk = lzma.compress(b"") * (JUNK // 32)
+    sink = NarSink(fd, expected_for(TINY, b"", "xz", file_size=None, file_hash=None))
+    fed = feed_until_refused(sink, compress(TINY, "xz") + junk)
+    assert fed <= compressed_cap(len(TINY)) + CHUNK
+
+
+@pytest.mark.parametrize("compression", ["xz", "bzip2"])
+def test_many_tiny_streams_are_decoded_in_linear_work(
+    sink_file: tuple[Path, int], compression: str
+) -> None:
+    """Bytes after the end of a stream are handed over again, but few of them."""
+    _, fd = sink_file
+    one = lzma.compress(b"") if compression == "xz" else bz2.compress(b"")
+    file = one * 30_000 + compress(NAR, compression)
+    sink = NarSink(fd, expected_for(NAR, file, compression))
+    for piece in pieces(file, CHUNK):
+        sink.write_thd([piece])
+    assert sink.finish_thd() == len(file)
+    assert sink.decoder.fed <= 2 * len(file)  # type: ignore[attr-defined]
+
+
+def test_skippable_zstd_frames_count_toward_the_cap(
+    sink_file: tuple[Path, int],
+) -> None:
+    _, fd = sink_file
+    frame = struct.pack("<II", 0x184D2A50, 4088) + b"\0" * 4088
+    junk = frame * (JUNK // len(frame))
+    sink = NarSink(fd, expected_for(TINY, b"", "zstd", file_size=None, file_hash=None))
+    fed = feed_until_refused(sink, compress(TINY, "zstd") + junk)
+    assert fed <= compressed_cap(len(TINY)) + CHUNK
+
+
+def test_a_few_skippable_zstd_frames_are_fine(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    frame = struct.pack("<II", 0x184D2A51, 16) + b"\1" * 16
+    file = frame + compressed("zstd") + frame
+    exp = expected_for(NAR, file, "zstd", file_size=None, file_hash=None)
+    assert verify(fd, file, exp) == len(file)
+
+
+@pytest.mark.parametrize("fmt", [lzma.FORMAT_ALONE, lzma.FORMAT_RAW])
+def test_xz_means_the_xz_container_only(sink_file: tuple[Path, int], fmt: int) -> None:
+    _, fd = sink_file
+    filters = [{"id": lzma.FILTER_LZMA2}] if fmt == lzma.FORMAT_RAW else None
+    file = lzma.compress(NAR, format=fmt, filters=filters)
+    with pytest.raises(IntegrityError):
+        verify(fd, file, expected_for(NAR, file, "xz"))
