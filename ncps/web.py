@@ -33,6 +33,7 @@ from ncps.logs import ncps_observer
 from ncps.signing import PublicKey
 from ncps.storage.base import EXTENSION_COMPRESSIONS
 from ncps.streaming import FileStreamer, ObjectStreamer
+from ncps.wire import ConnectionGate, LimitedChannel, WireLimits, request_content
 
 log = Logger(observer=ncps_observer)
 
@@ -217,9 +218,41 @@ class GuardResource(Resource):
 
 
 class QuietSite(server.Site):
-    """A Site without the per-request access log (it costs more than a hit)."""
+    """Our HTTP server: the wire limits of :mod:`ncps.wire`, no access log.
+
+    ``gate`` (optional) counts the open connections against the listener's
+    limit.  Twisted's idle timer is off: :class:`~ncps.wire.LimitedChannel`
+    keeps its own deadlines on ``reactor``.
+    """
 
     noisy = False
+    # The channel itself, not twisted's HTTP/2-negotiating wrapper: we speak
+    # plain HTTP/1.1 and the limits live on the channel.
+    protocol = LimitedChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        *,
+        limits: WireLimits | None = None,
+        gate: ConnectionGate | None = None,
+        reactor: IReactorTime | None = None,
+    ) -> None:
+        super().__init__(
+            resource, timeout=None, reactor=reactor, parsePOSTFormSubmission=False
+        )
+        self.limits = limits or WireLimits()
+        self.gate = gate
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.limits = self.limits
+        channel.gate = self.gate
+        return channel
+
+    def getContentFile(self, length: int | None) -> Any:
+        # Bodies are capped by the channel; none is ever spooled to disk.
+        return request_content(length)
 
     def log(self, request: Any) -> None:
         pass
