@@ -15,24 +15,25 @@ import os
 import uuid
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from ncps.backend import S3_THREADS, db_threads, open_database, open_store
+from ncps.backend import S3_THREADS, db_threads, is_sqlite, open_database, open_store
 from ncps.cache import Cache
 from ncps.config import Config
 from ncps.db.notify import Events, PostgresListener
 from ncps.db.queries import Database, get_config_thd, put_config_if_absent_thd
 from ncps.errors import StartupError, exit_on_startup_error
+from ncps.fdlimit import Budget, client_limit, raise_soft_limit
 from ncps.logs import ncps_observer
 from ncps.signing import KeyFormatError, SecretKey, TrustedKeys
 from ncps.threads import Runner, ThreadPoolService
 from ncps.upstream import HEALTH_INTERVAL, UpstreamPool
 from ncps.web import CacheServer, QuietSite
+from ncps.wire import ConnectionGate, GatedPort, WireLimits
 
 log = Logger(observer=ncps_observer)
 
@@ -54,25 +55,48 @@ class SequentialMultiService(MultiService):
 
 
 class ListenerService(Service):
-    """The HTTP listener; a failure to bind stops startup with one line."""
+    """The HTTP listener; a failure to bind stops startup with one line.
 
-    def __init__(self, inner: Service, addr: str) -> None:
-        self._inner = inner
-        self._addr = addr
+    The port is a :class:`~ncps.wire.GatedPort`: it never accepts more client
+    connections than ``gate`` allows, and listens with a backlog of 1024.
+    """
+
+    def __init__(
+        self, site: QuietSite, gate: ConnectionGate, host: str, port: int, reactor: Any
+    ) -> None:
+        self._site = site
+        self._gate = gate
+        self._host = host
+        self._port_number = port
+        self._reactor = reactor
+        self.port: GatedPort | None = None
 
     def startService(self) -> None:
         super().startService()
+        port = GatedPort(
+            self._port_number,
+            self._site,
+            self._gate,
+            interface=self._host,
+            reactor=self._reactor,
+        )
         try:
-            self._inner.startService()
+            port.startListening()
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
             exit_on_startup_error(
-                f"--server-addr: cannot listen on {self._addr}: {reason}"
+                f"--server-addr: cannot listen on {self._host}:{self._port_number}: "
+                f"{reason}"
             )
+            return
+        self.port = port
 
     def stopService(self) -> Any:
         super().stopService()
-        return self._inner.stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        return port.stopListening()
 
 
 class _Hook(Service):
@@ -111,11 +135,31 @@ def load_signing_key_thd(db: Database, config: Config) -> SecretKey:
         ) from None
 
 
+def descriptor_budget(config: Config) -> int:
+    """Raise the descriptor limit; the client connection limit that fits in it."""
+    before, soft = raise_soft_limit()
+    if soft > before:
+        log.info(
+            "raised the file descriptor limit from {before} to {after}",
+            before=before,
+            after=soft,
+        )
+    backend = config.backend
+    budget = Budget(
+        max_downloads=config.max_downloads,
+        db_connections=db_threads(backend),
+        sqlite=is_sqlite(backend),
+        s3_connections=S3_THREADS if backend.storage_s3 is not None else 0,
+    )
+    return client_limit(soft, budget, config.max_connections)
+
+
 def build_service(config: Config, reactor: Any) -> MultiService:
     """Build the whole ncps service tree for ``config`` on ``reactor``."""
     root = SequentialMultiService()
 
     backend = config.backend
+    connections = descriptor_budget(config)
     cpus = os.cpu_count() or 2
     db_pool = ThreadPoolService("db", max_threads=db_threads(backend))
     io_pool = ThreadPoolService("io", max_threads=max(4, cpus * 2))
@@ -181,6 +225,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         signer=key if config.sign_narinfo else None,
         io=Runner(reactor, io_pool.pool),
         store_io=Runner(reactor, store_pool.pool),
+        max_downloads=config.max_downloads,
+        negative_ttl=config.negative_ttl,
     )
     events.subscribe(cache.on_event)
     server = CacheServer(
@@ -189,17 +235,25 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         config.hostname,
         key.public_key() if config.sign_narinfo else None,
     )
-    site = QuietSite(server.resource())
-    host = config.listen_host.replace(":", r"\:")
-    endpoint = f"tcp:{config.listen_port}" + (f":interface={host}" if host else "")
-    addr = f"{config.listen_host}:{config.listen_port}"
-    listener = ListenerService(strports.service(endpoint, site, reactor=reactor), addr)
+    limits = WireLimits(
+        read_header_timeout=config.read_header_timeout,
+        idle_timeout=config.idle_timeout,
+    )
+    gate = ConnectionGate(reactor, connections)
+    site = QuietSite(server.resource(), limits=limits, gate=gate, reactor=reactor)
+    listener = ListenerService(
+        site, gate, config.listen_host, config.listen_port, reactor
+    )
     listener.setServiceParent(root)
     log.info(
-        "ncps {hostname} will listen on {addr} ({kind} storage, {db} database)",
+        "ncps {hostname} will listen on {addr} ({kind} storage, {db} database, "
+        "at most {connections} client connections and {downloads} upstream "
+        "downloads at once)",
         hostname=config.hostname,
         addr=f"{config.listen_host}:{config.listen_port}",
         kind=store.kind,
         db=engine.dialect.name,
+        connections=connections,
+        downloads=config.max_downloads,
     )
     return root

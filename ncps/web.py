@@ -26,6 +26,7 @@ from ncps.errors import (
     DatabaseUnavailable,
     IntegrityError,
     NotFound,
+    Overloaded,
     StorageError,
     UpstreamError,
 )
@@ -154,7 +155,7 @@ class CacheServer:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Bad Gateway\n"
 
-    @app.handle_errors(StorageError, DatabaseUnavailable)
+    @app.handle_errors(StorageError, DatabaseUnavailable, Overloaded)
     def unavailable(self, request: IRequest, failure: Failure) -> bytes:
         log.warn(
             "{method} {uri}: {why}",
