@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
@@ -51,11 +51,13 @@ __all__ = [
     "Config",
     "S3Settings",
     "Setting",
+    "Warn",
     "build_backend",
     "check_database_url",
     "check_unsupported_flag",
     "environment",
     "load_config",
+    "load_database_url",
     "redact_url",
 ]
 
@@ -161,25 +163,77 @@ def load_config(
     secret.  Raises :class:`ConfigError`.
     """
     warnings: list[str] = []
-    path = config_file or environ.get("NCPS_CONFIG_FILE")
-    if not path:
-        xdg = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-        default = Path(xdg) / "ncps" / "config.yaml"
-        path = str(default) if default.is_file() else None
-    file_values = _read_config_file(path) if path else {}
+    path, file_values = _config_file(environ, config_file)
     _refuse_unsupported(flags, file_values, environ, path)
     raw = {s.flag: _lookup(s, flags, file_values, environ) for s in SETTINGS}
-    for alias in ALIASES:
-        if alias.flag in flags or environ.get(alias.env):
-            warnings.append(
-                f"--{alias.flag} ({alias.env}) is deprecated; use --{alias.setting} "
-                f"({SETTINGS_BY_FLAG[alias.setting].env})"
-            )
+    warnings.extend(_alias_warnings(flags, environ, SETTINGS_BY_FLAG))
     config = _build(raw, environ, warnings.append)
     for line in warnings:
         if warn is not None:
             warn(line)
     return config
+
+
+def load_database_url(
+    flags: Mapping[str, str],
+    environ: Mapping[str, str],
+    config_file: str | None = None,
+    warn: Warn | None = None,
+) -> str:
+    """The database URL alone, as ``ncps migrate`` needs it.
+
+    Read like :func:`load_config` reads it (same config file, precedence and
+    deprecated aliases, ``cache.database.url`` as a file key too); without a
+    URL, the default SQLite file under ``--cache-storage-local``.  ``warn``
+    gets one line per deprecated name in use.  Raises :class:`ConfigError`.
+    """
+    _, file_values = _config_file(environ, config_file)
+    wanted = ("cache-database-url", "cache-storage-local")
+    lines = _alias_warnings(flags, environ, wanted)
+    url = _lookup(SETTINGS_BY_FLAG["cache-database-url"], flags, file_values, environ)
+    if not url:
+        storage = _lookup(
+            SETTINGS_BY_FLAG["cache-storage-local"], flags, file_values, environ
+        )
+        if not storage:
+            raise ConfigError(
+                "--cache-database-url: required, or --cache-storage-local for "
+                "the default SQLite database (or set CACHE_DATABASE_URL or "
+                "cache.database-url)"
+            )
+        url = f"sqlite:{Path(str(storage)).expanduser().absolute()}/db/ncps.sqlite3"
+    check_database_url(str(url))
+    for line in lines:
+        if warn is not None:
+            warn(line)
+    return str(url)
+
+
+def _config_file(
+    environ: Mapping[str, str], config_file: str | None
+) -> tuple[str | None, dict[str, Any]]:
+    """The config file in use (``--config``, ``NCPS_CONFIG_FILE``, or the XDG
+    default if it exists) and its flattened values."""
+    path = config_file or environ.get("NCPS_CONFIG_FILE")
+    if not path:
+        xdg = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        default = Path(xdg) / "ncps" / "config.yaml"
+        path = str(default) if default.is_file() else None
+    return path, _read_config_file(path) if path else {}
+
+
+def _alias_warnings(
+    flags: Mapping[str, object],
+    environ: Mapping[str, str],
+    settings: Collection[str],
+) -> list[str]:
+    """One line per deprecated flag or variable given for one of ``settings``."""
+    return [
+        f"--{alias.flag} ({alias.env}) is deprecated; use --{alias.setting} "
+        f"({SETTINGS_BY_FLAG[alias.setting].env})"
+        for alias in ALIASES
+        if alias.setting in settings and (alias.flag in flags or environ.get(alias.env))
+    ]
 
 
 def check_unsupported_flag(flag: str, value: str | None) -> None:

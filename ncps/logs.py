@@ -56,11 +56,12 @@ def event_as_json_line(event: LogEvent) -> str | None:
     as they are, anything else as text), and ``error``/``traceback`` for an
     event that carries a failure.
     """
-    level = event.get("log_level")
+    # LogLevel's members are NamedConstants, not LogLevel instances.
+    level = getattr(event.get("log_level"), "name", None)
     when = datetime.fromtimestamp(float(event.get("log_time", 0.0)), UTC)
     record: dict[str, object] = {
         "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "level": level.name if isinstance(level, LogLevel) else "info",
+        "level": level if isinstance(level, str) else "info",
         "namespace": str(event.get("log_namespace", "")),
         "message": formatEvent(event),
     }

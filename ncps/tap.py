@@ -55,6 +55,7 @@ def go_style_argv(
     long_opts: Collection[str],
     booleans: Collection[str],
     booleans_take_values: bool = True,
+    short_with_value: Collection[str] = (),
 ) -> list[str]:
     """``argv`` rewritten so that getopt reads it the way Go's flag parser does.
 
@@ -63,7 +64,9 @@ def go_style_argv(
     ``booleans_take_values`` is false, where ``--name=false`` is dropped); a
     flag taking a value gets it joined with ``=``, and is refused if the next
     argument is another flag; an abbreviated or unknown flag is refused.
-    Parsing stops at the first argument that is not a flag, or at ``--``.
+    Short flags are left to getopt; those in ``short_with_value`` (``-j``)
+    keep their separate value.  Parsing stops at the first argument that is
+    not a flag, or at ``--``.
 
     Raises UsageError, or ConfigError for a flag not supported yet.
     """
@@ -77,6 +80,9 @@ def go_style_argv(
         if arg == "--" or not arg.startswith("--"):
             if arg.startswith("-") and arg not in ("-", "--"):
                 out.append(arg)  # a short flag: getopt's business
+                if arg in short_with_value and i < len(argv):
+                    out.append(argv[i])
+                    i += 1
                 continue
             out.extend(argv[i - 1 :])
             break

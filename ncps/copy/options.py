@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from twisted.python import usage
 
 from ncps.config import (
     SETTINGS_BY_FLAG,
     Backend,
+    Warn,
     _file_value,
     _read_config_file,
     build_backend,
+    log_format,
+    log_level,
     redact_url,
 )
 from ncps.db import engine as db_engine
@@ -51,7 +56,17 @@ MAX_JOBS = 256
 
 
 def _side_options() -> tuple[list[list[Any]], list[list[Any]]]:
-    params: list[list[Any]] = [["jobs", "j", str(DEFAULT_JOBS), "NARs copied at once."]]
+    params: list[list[Any]] = [
+        ["jobs", "j", str(DEFAULT_JOBS), "NARs copied at once."],
+        [
+            "log-level",
+            None,
+            None,
+            "trace, debug, info, warn, error, fatal or panic; checked, but copy "
+            "prints plain lines, not log events.",
+        ],
+        ["log-format", None, None, "text or json; checked, as --log-level."],
+    ]
     flags: list[list[Any]] = [
         ["dry-run", None, "Only show what would be copied; write nothing."],
         ["no-progress", None, "No progress output on stderr."],
@@ -80,18 +95,62 @@ def _side_options() -> tuple[list[list[Any]], list[list[Any]]]:
 
 class CopyOptions(usage.Options):
     synopsis = (
-        "[--dry-run] [--no-progress] [--jobs N] "
+        "Usage: ncps copy [--dry-run] [--no-progress] [--jobs N] "
         "(--from-storage-local DIR | --from-storage-s3-bucket B ...) "
         "[--from-database-url URL] (--to-storage-local DIR | ...) "
         "[--to-database-url URL]"
     )
+    longdesc = (
+        "Boolean flags work bare (--dry-run) and as --flag=true|false, as "
+        "in the Go ncps; a flag's value follows '=' or a space."
+    )
     optParameters, optFlags = _side_options()
 
-    def backend(self, side: str) -> Backend:
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse Go style, as ``ncps serve`` does (see ncps.tap.go_style_argv).
+
+        Raises UsageError, also for a Go ncps flag not supported yet.
+        """
+        from ncps.tap import go_style_argv
+
+        argv = list(sys.argv[1:] if options is None else options)
+        booleans = [flag[0] for flag in self.optFlags]
+        try:
+            argv = go_style_argv(
+                argv,
+                self.longOpt,
+                booleans,
+                booleans_take_values=False,
+                short_with_value=("-j",),
+            )
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        super().parseOptions(argv)
+
+    def postOptions(self) -> None:
+        try:
+            for flag, check in (("log-level", log_level), ("log-format", log_format)):
+                if self[flag] is not None:
+                    check(self[flag])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def opt_version(self) -> NoReturn:
+        """Print ncps's version and exit."""
+        from ncps.tap import version
+
+        sys.stdout.write(f"ncps version {version()}\n")
+        raise SystemExit(0)
+
+    def backend(self, side: str, warn: Warn | None = None) -> Backend:
         """One side's :class:`Backend`: its config file, then its flags.
 
+        ``warn`` gets each warning line (a value taken with a guess, such as
+        an S3 endpoint without a scheme), already naming this side's flags;
+        by default it is written to stderr as ``ncps copy: warning: ...``.
         Raises ConfigError naming this side's flag (``--from-storage-local``).
         """
+        write = warn or _warn_on_stderr
         try:
             raw: dict[str, Any] = {}
             path = self[f"{side}-config"]
@@ -106,7 +165,11 @@ class CopyOptions(usage.Options):
                     raw[f"cache-{name}"] = self[f"{side}-{name}"]
             if self[f"{side}-storage-s3-force-path-style"]:
                 raw["cache-storage-s3-force-path-style"] = "true"
-            return build_backend(raw, flag_prefix=f"{side}-")
+            return build_backend(
+                raw,
+                flag_prefix=f"{side}-",
+                warn=lambda line: write(side_message(line, side)),
+            )
         except ConfigError as e:
             raise ConfigError(side_message(str(e), side)) from None
 
@@ -115,6 +178,10 @@ class CopyOptions(usage.Options):
         if not text.isdigit() or not 1 <= int(text) <= MAX_JOBS:
             raise ConfigError(f"--jobs: {text!r} must be a number from 1 to {MAX_JOBS}")
         return int(text)
+
+
+def _warn_on_stderr(line: str) -> None:
+    sys.stderr.write(f"ncps copy: warning: {line}\n")
 
 
 _FLAG_RE = re.compile(r"--(?:(?:from|to)-)?cache-((?:storage|database|temp)[\w-]*)")

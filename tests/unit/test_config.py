@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import attrs
 import pytest
 import yaml
 
-from ncps.config import Config, load_config
+from ncps.config import SETTINGS, Config, _read_config_file, load_config
 from ncps.errors import ConfigError
 from ncps.testing import TEST_CACHE_KEY, TEST_UPSTREAM_KEY, WRONG_UPSTREAM_KEY
 
@@ -614,3 +615,21 @@ def test_contrib_examples_load(name: str) -> None:
         assert backend.storage_s3.force_path_style
         assert backend.database_url.startswith("postgresql://ncps:")
         assert (backend.pool_max_open, backend.pool_max_idle) == (25, 5)
+    assert (config.max_downloads, config.negative_ttl) == (32, 10.0)
+    assert config.max_connections == 0
+    assert (config.read_header_timeout, config.idle_timeout) == (10.0, 60.0)
+    assert config.log_level == "info"
+    assert config.log_format == ("text" if name == "config.yaml" else "json")
+
+
+def test_contrib_example_mentions_every_setting() -> None:
+    """Each setting's key is in contrib/config.yaml, set or commented out."""
+    path = CONTRIB / "config.yaml"
+    text = path.read_text()
+    given = _read_config_file(str(path))
+    for setting in SETTINGS:
+        leaf = setting.key.rpartition(".")[2]
+        mentioned = setting.key in given or re.search(
+            rf"^\s*#\s+{re.escape(leaf)}:", text, re.MULTILINE
+        )
+        assert mentioned, setting.key
