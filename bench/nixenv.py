@@ -47,11 +47,17 @@ class NixEnv:
         return proc.stdout
 
     def substitute(
-        self, client_store: Path, paths: list[str], url: str, keys: list[str]
+        self,
+        client_store: Path,
+        paths: list[str],
+        url: str,
+        keys: list[str],
+        timeout: float | None = None,
     ) -> float:
         """Realise ``paths`` into a fresh chroot store from ``url``; return seconds.
 
         The narinfo disk cache is emptied first so every run asks the server again.
+        ``timeout``: kill the client after that many seconds (``TimeoutExpired``).
         """
         remove_tree(client_store)
         remove_tree(self.base / "xdg-cache")
@@ -72,7 +78,9 @@ class NixEnv:
             " ".join(keys),
         ]
         t = time.monotonic()
-        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True)
+        proc = subprocess.run(
+            argv, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         elapsed = time.monotonic() - t
         if proc.returncode != 0:
             raise RuntimeError(
