@@ -10,8 +10,11 @@ otherwise -> start the download described by a stored narinfo (through
 to other upstreams with the same NAR).  A NAR nobody has a narinfo for is
 not fetched: we could not verify it.
 
-A narinfo that every upstream said it does not have is remembered as missing
-for ``negative_ttl`` seconds (:mod:`ncps.negative`).
+A narinfo no upstream has is answered 404 only if at least one upstream said
+so; when none could answer (errors, timeouts, backoff, rejected narinfos) it
+is :class:`~ncps.errors.UpstreamsUnavailable` (503): Nix remembers a 404 for
+an hour.  One that every upstream said it does not have is remembered as
+missing for ``negative_ttl`` seconds (:mod:`ncps.negative`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ncps import narinfo as narinfo_mod
 from ncps.coalesce import Coalescer
 from ncps.db.queries import TOUCH_INTERVAL, Database, NarFile, NarInfoRecord
 from ncps.download import NarDownload
-from ncps.errors import NotFound, UpstreamError
+from ncps.errors import NotFound, UpstreamError, UpstreamsUnavailable
 from ncps.logs import ncps_observer
 from ncps.narinfo import NarInfo, NarInfoError
 from ncps.nars import NarFetcher, announced_length
@@ -42,7 +45,7 @@ from ncps.signing import SecretKey, TrustedKeys, sign_narinfo
 from ncps.storage.base import NarStore, StoredNar, nar_file_name
 from ncps.storage.local import LocalStore
 from ncps.threads import Runner
-from ncps.upstream import UpstreamPool, resolve_nar_url
+from ncps.upstream import BackingOff, UpstreamPool, resolve_nar_url
 
 log = Logger(observer=ncps_observer)
 
@@ -132,7 +135,8 @@ class Cache:
     # -- narinfo -------------------------------------------------------------------
 
     async def narinfo_text(self, hash_part: str) -> bytes:
-        """The narinfo we serve for ``hash_part``; raises :class:`NotFound`.
+        """The narinfo we serve for ``hash_part``; raises :class:`NotFound` or
+        :class:`UpstreamsUnavailable`.
 
         Recently served narinfos are answered from memory: a stored narinfo
         never changes (first writer wins), so only eviction or deletion,
@@ -177,7 +181,11 @@ class Cache:
         return ni.to_text().encode("utf-8")
 
     async def narinfo(self, hash_part: str) -> NarInfoRecord:
-        """The narinfo for ``hash_part``; raises :class:`NotFound`."""
+        """The narinfo for ``hash_part``.
+
+        Raises :class:`NotFound`, or :class:`UpstreamsUnavailable` when no
+        upstream could answer (see :meth:`_fetch_narinfo`).
+        """
         record: NarInfoRecord | None = await self._db.get_narinfo(hash_part)
         if record is not None:
             self._touch(record)
@@ -201,17 +209,34 @@ class Cache:
         d.addErrback(lambda f: log.failure("recording access", f))
 
     async def _fetch_narinfo(self, hash_part: str) -> NarInfoRecord:
+        """Ask the upstreams that are not backing off, in order.
+
+        Raises :class:`NotFound` when at least one upstream said it does not
+        have the narinfo or sent one we must not serve (as Nix itself skips a
+        narinfo without a trusted signature), and :class:`UpstreamsUnavailable`
+        when none could say (each errored, timed out or was backing off): Nix
+        remembers a 404 for an hour, so one is never made up.
+        The pool records each upstream's health (``UpstreamPool._get``).
+        """
         await self._upstreams.first_check()
-        # Remembered as missing only if every upstream said so: an error, a
-        # timeout or a narinfo we rejected may be different next time.
-        definitive = True
-        for upstream in self._upstreams.ordered():
+        asked = self._upstreams.available()
+        # Upstreams left out for backoff, or that gave no definitive answer.
+        skipped = len(self._upstreams.upstreams) - len(asked)
+        absent = 0
+        rejected = False
+        for upstream in asked:
             try:
                 text = await self._upstreams.fetch_narinfo(upstream, hash_part)
             except NotFound:
+                absent += 1
+                continue
+            except BackingOff:
+                # Another request is probing it right now: skipped, quietly
+                # (one warning per backoff window comes from the pool).
+                skipped += 1
                 continue
             except UpstreamError as e:
-                definitive = False
+                skipped += 1
                 log.warn(
                     "upstream {url} failed for {hash}: {why}",
                     url=upstream.url,
@@ -222,7 +247,10 @@ class Cache:
             try:
                 record = self.ingest(upstream.url, hash_part, text)
             except Rejected as e:
-                definitive = False
+                # A definitive "nothing we may serve", but not remembered:
+                # keys and upstream contents change.
+                absent += 1
+                rejected = True
                 log.warn(
                     "rejected narinfo {hash} from {url}: {why}",
                     hash=hash_part,
@@ -234,7 +262,14 @@ class Cache:
             self._missing.discard(hash_part)
             self._prefetch(stored)
             return stored
-        if definitive:
+        if absent == 0 and skipped > 0:
+            raise UpstreamsUnavailable(
+                f"no upstream could answer for {hash_part} "
+                f"({skipped} failing or backing off)"
+            )
+        if skipped == 0 and not rejected:
+            # Every upstream said so: remembered, as an error, a timeout or
+            # a rejected narinfo may be different next time.
             self._missing.add(hash_part)
         raise NotFound(hash_part)
 
@@ -377,7 +412,7 @@ class Cache:
         """
         ni = record.narinfo
         primary = self._upstreams.upstream_for(record.upstream_url)
-        for upstream in self._upstreams.ordered():
+        for upstream in self._upstreams.available():
             if upstream.url == primary.url:
                 continue
             try:

@@ -31,6 +31,12 @@ class Overloaded(NcpsError):
     """Too many downloads: a request waited too long for a slot (503, Retry-After)."""
 
 
+class UpstreamsUnavailable(NcpsError):
+    """No upstream could say whether it has a narinfo: each one failed, timed
+    out, was backing off or sent one we rejected (503, Retry-After).  Never
+    a 404, which Nix would remember for an hour."""
+
+
 class DatabaseUnavailable(NcpsError):
     """The database failed even after retries; the request may be retried (503)."""
 

@@ -11,7 +11,12 @@ timeout, connection) costs the waiting clients nothing but time: they get the
 download of the next source.  A download that fails later (a broken body, too
 slow, failed verification) aborts the clients already streaming it, and the
 job goes on with the next source, so the cache is still filled and later
-clients succeed.
+clients succeed.  A failure of our own (temp dir, store, database) ends the
+job at once as a :class:`~ncps.errors.StorageError`: no source would help.
+
+Upstream health: the pool records what it sees of a NAR request (no answer,
+a 5xx, or an answer); a body that breaks, stalls or crawls after its headers
+is recorded here.  Bad bytes are not a health failure: the upstream answered.
 
 A job owns its slot until the last download it started holds no descriptor
 and no connection any more.  The job itself belongs to no request: a client
@@ -29,14 +34,19 @@ from pathlib import Path
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IResponse
 
 from ncps.db.queries import Database, NarFile, NarInfoRecord
 from ncps.download import NarDownload
-from ncps.errors import IntegrityError, NotFound, Overloaded, UpstreamError
+from ncps.errors import (
+    DatabaseUnavailable,
+    IntegrityError,
+    NotFound,
+    Overloaded,
+    StorageError,
+    UpstreamError,
+)
 from ncps.logs import ncps_observer
 from ncps.narinfo import NarInfo
 from ncps.narsink import VERIFIABLE_COMPRESSIONS, Expected, NarSink
@@ -62,22 +72,6 @@ def announced_length(ni: NarInfo) -> int | None:
     if ni.compression == "none":
         return ni.nar_size
     return None
-
-
-class _Abandon(Protocol):
-    """Takes a response body nobody will read and closes its connection."""
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
-
-
-def abandon(response: IResponse) -> None:
-    """Release the connection of a response whose body we will not read."""
-    try:
-        response.deliverBody(_Abandon())
-    except Exception as e:  # already delivered elsewhere: nothing to release here
-        log.warn("abandoning an upstream response: {why}", why=str(e))
 
 
 class _Job:
@@ -258,7 +252,7 @@ class NarFetcher:
         async for url in self._sources(job.record):
             try:
                 download = await self._open(job.record, url)
-            except (NotFound, UpstreamError, IntegrityError, OSError) as e:
+            except (NotFound, UpstreamError, IntegrityError) as e:
                 log.warn(
                     "NAR {name} from {url}: {why}",
                     name=job.record.narinfo.url,
@@ -267,12 +261,30 @@ class NarFetcher:
                 )
                 errors.append(e)
                 continue
+            except OSError as e:
+                log.error(
+                    "NAR {name}: no temp file for the download: {why}",
+                    name=job.record.narinfo.url,
+                    why=str(e),
+                )
+                raise _ours(e) from None
             if download.failure is None:
                 # The body flows: the clients tail it from here on.
                 self._downloads[job.key] = download
                 job.hand_out(download)
+            ours: Exception | None = None
             try:
                 await download.when_done()
+            except UpstreamError as e:
+                # The body broke, stalled or crawled: the pool only saw its
+                # headers (an answer), so this failure is recorded here.
+                upstream = self._upstreams.upstream_for(url)
+                self._upstreams.record_failure(upstream, str(e))
+                errors.append(e)
+            except IntegrityError as e:
+                errors.append(e)  # bad bytes, but the upstream is alive
+            except (OSError, StorageError, DatabaseUnavailable) as e:
+                ours = _ours(e)
             except Exception as e:
                 errors.append(e)
             await download.when_released()
@@ -280,6 +292,10 @@ class NarFetcher:
                 del self._downloads[job.key]
             if download.committed:
                 return download
+            if ours is not None:
+                # Our temp dir, store or database failed: another source
+                # would not help.
+                raise ours
         raise _most_telling(errors, job.record.narinfo.url)
 
     async def _sources(self, record: NarInfoRecord) -> AsyncIterator[str]:
@@ -308,24 +324,21 @@ class NarFetcher:
         )
         upstream = self._upstreams.upstream_for(url)
         response = await self._upstreams.open_nar(upstream, url)
+        opened: tuple[int, Path] | None = None
+        sink: NarSink | None = None
         try:
-            fd, temp = await self._io.run(self._store.new_temp_file_thd, record.nar_key)
-        except BaseException:
-            abandon(response)
-            raise
-        try:
+            opened = await self._io.run(self._store.new_temp_file_thd, record.nar_key)
+            fd, temp = opened
             sink = NarSink(fd, expected)
-        except BaseException:
-            os.close(fd)
-            await self._discard(temp)
-            abandon(response)
-            raise
-        try:
             read_fd = os.open(temp, os.O_RDONLY)
         except BaseException:
-            sink.close_thd()  # an os.close: fine on the reactor
-            await self._discard(temp)
-            abandon(response)
+            self._upstreams.abort(response)
+            if opened is not None:
+                if sink is not None:
+                    sink.close_thd()  # an os.close: fine on the reactor
+                else:
+                    os.close(opened[0])
+                await self._discard(opened[1])
             raise
         download = NarDownload(
             clock=self._clock,
@@ -367,6 +380,14 @@ class NarFetcher:
         log.info(
             "cached {url} ({size} bytes, verified)", url=ni.url, size=download.written
         )
+
+
+def _ours(e: Exception) -> Exception:
+    """A failure of our own temp dir, store or database, as clients see it
+    (a 503: it may pass)."""
+    if isinstance(e, OSError):
+        return StorageError(f"local NAR storage: {e}")
+    return e
 
 
 def _most_telling(errors: list[Exception], name: str) -> Exception:

@@ -268,12 +268,15 @@ def make_nar_fixture(
 
 @attrs.define
 class Canned:
-    """A canned response; ``stall`` never answers (for timeouts)."""
+    """A canned response; ``stall`` never answers (for timeouts); ``hold``
+    waits in :attr:`FakeUpstream.held` until the test calls
+    :meth:`FakeUpstream.answer`."""
 
     body: bytes = b""
     status: int = 200
     headers: Mapping[bytes, bytes] = attrs.Factory(dict)
     stall: bool = False
+    hold: bool = False
 
 
 class FakeUpstream(Resource):
@@ -281,6 +284,10 @@ class FakeUpstream(Resource):
 
     ``requests`` records ``(method, uri)`` of every request it saw and
     ``headers`` the request headers of each (lower-case names, last value).
+    Requests other than ``nix-cache-info`` are also counted while they are
+    open: ``open`` now, ``peak_open`` at most; ``lost`` lists the URIs of
+    those whose connection closed before their response ended (a client
+    that gave up, or a cut made by :meth:`answer`).
     """
 
     isLeaf = True
@@ -290,6 +297,10 @@ class FakeUpstream(Resource):
         self.responses: dict[str, Canned] = {}
         self.requests: list[tuple[bytes, bytes]] = []
         self.headers: list[dict[bytes, bytes]] = []
+        self.held: list[server.Request] = []
+        self.open = 0
+        self.peak_open = 0
+        self.lost: list[bytes] = []
         self.set(
             "nix-cache-info",
             b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: %d\n" % priority,
@@ -314,16 +325,64 @@ class FakeUpstream(Resource):
         """URIs requested other than the ``nix-cache-info`` health check."""
         return [uri for _, uri in self.requests if uri != b"/nix-cache-info"]
 
+    def held_uris(self) -> list[bytes]:
+        return [r.uri for r in self.held]
+
+    def answer(
+        self, uri: bytes | None = None, *, upto: int | None = None
+    ) -> server.Request:
+        """Answer a held request (the oldest, or the oldest for ``uri``) with
+        its canned response, and return it.  With ``upto``, send the headers
+        and only that many bytes of the body and leave the response open:
+        :meth:`cut` or ``finish()`` it later."""
+        request = next(r for r in self.held if uri is None or r.uri == uri)
+        self.held.remove(request)
+        canned = self.responses[request.path.decode("latin-1").lstrip("/")]
+        request.setResponseCode(canned.status)
+        for name, value in canned.headers.items():
+            request.setHeader(name, value)
+        request.setHeader(b"Content-Length", b"%d" % len(canned.body))
+        if upto is None:
+            request.write(canned.body)
+            request.finish()
+        else:
+            request.write(canned.body[:upto])
+        return request
+
+    @staticmethod
+    def cut(request: server.Request) -> None:
+        """Close a request's connection before its response ended."""
+        transport = request.channel.transport if request.channel else None
+        assert transport is not None
+        transport.loseConnection()
+
+    def _track(self, request: server.Request) -> None:
+        if request.uri == b"/nix-cache-info":
+            return
+        self.open += 1
+        self.peak_open = max(self.peak_open, self.open)
+
+        def ended(result: object) -> None:
+            self.open -= 1
+            if isinstance(result, Failure):
+                self.lost.append(request.uri)
+
+        request.notifyFinish().addBoth(ended)
+
     def render(self, request: server.Request) -> bytes | int:
         self.requests.append((request.method, request.uri))
         self.headers.append(
             {k.lower(): v[-1] for k, v in request.requestHeaders.getAllRawHeaders()}
         )
+        self._track(request)
         canned = self.responses.get(request.path.decode("latin-1").lstrip("/"))
         if canned is None:
             request.setResponseCode(404)
             return b"404 not found\n"
         if canned.stall:
+            return server.NOT_DONE_YET
+        if canned.hold:
+            self.held.append(request)
             return server.NOT_DONE_YET
         request.setResponseCode(canned.status)
         for name, value in canned.headers.items():

@@ -29,6 +29,7 @@ from ncps.errors import (
     Overloaded,
     StorageError,
     UpstreamError,
+    UpstreamsUnavailable,
 )
 from ncps.logs import ncps_observer
 from ncps.signing import PublicKey
@@ -155,7 +156,9 @@ class CacheServer:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Bad Gateway\n"
 
-    @app.handle_errors(StorageError, DatabaseUnavailable, Overloaded)
+    @app.handle_errors(
+        StorageError, DatabaseUnavailable, Overloaded, UpstreamsUnavailable
+    )
     def unavailable(self, request: IRequest, failure: Failure) -> bytes:
         log.warn(
             "{method} {uri}: {why}",
