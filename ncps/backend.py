@@ -34,7 +34,12 @@ def db_threads(backend: Backend) -> int:
 
 
 def open_store(backend: Backend, flag_prefix: str = "") -> NarStore:
-    """The NAR store ``backend`` names, checked and ready (blocks)."""
+    """The NAR store ``backend`` names, checked and ready (blocks).
+
+    The store holds its own directory under the temp path from here on: the
+    caller calls ``release_thd()`` on it once nothing writes temp files any
+    more (a killed process needs none: the next start cleans up after it).
+    """
     store: NarStore
     if backend.storage_s3 is not None:
         from ncps.storage.s3 import S3Store

@@ -163,10 +163,12 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     cpus = os.cpu_count() or 2
     db_pool = ThreadPoolService("db", max_threads=db_threads(backend))
     io_pool = ThreadPoolService("io", max_threads=max(4, cpus * 2))
+    store = open_store(backend)
+    # The first child, so it stops last, once no pool writes a temp file:
+    # removes this instance's temp directory and unlocks it.
+    _Hook(store.release_thd).setServiceParent(root)
     db_pool.setServiceParent(root)
     io_pool.setServiceParent(root)
-
-    store = open_store(backend)
     store_pool = io_pool
     if store.pool_name == "s3":
         store_pool = ThreadPoolService("s3", max_threads=S3_THREADS)

@@ -63,6 +63,9 @@ class Side:
             raise CopyError(f"--{self.name}-database-url: {reason}") from None
 
     def close(self) -> None:
+        """Dispose of the engine and give back the store's temp dir (idempotent)."""
+        if self.store is not None:
+            self.store.release_thd()
         if self.engine is not None:
             self.engine.dispose()
 
@@ -89,6 +92,15 @@ def open_source(backend: Backend) -> Side:
         store = LocalStore(backend.storage_local, backend.temp_path)
     else:
         store = _open_store(backend, "from")
+    try:
+        engine = _open_source_database(backend)
+    except BaseException:
+        store.release_thd()
+        raise
+    return Side("from", backend, store, _database(engine), engine)
+
+
+def _open_source_database(backend: Backend) -> Engine:
     sqlite_file = db_engine.sqlalchemy_url(backend.database_url)[1]
     if sqlite_file is not None and not sqlite_file.is_file():
         raise ConfigError(f"--from-database-url: {sqlite_file} does not exist")
@@ -106,7 +118,7 @@ def open_source(backend: Backend) -> Side:
             f"--from-database-url: {redact_url(backend.database_url)} is {state}, "
             f"this ncps expects {head} (run `ncps migrate` on it first)"
         )
-    return Side("from", backend, store, _database(engine), engine)
+    return engine
 
 
 def open_target(backend: Backend, *, dry_run: bool, shared_storage: bool) -> Side:
@@ -121,6 +133,17 @@ def open_target(backend: Backend, *, dry_run: bool, shared_storage: bool) -> Sid
         store = _open_store(backend, "to")
     elif backend.storage_s3 is not None and not shared_storage:
         store = _open_store(backend, "to")
+    try:
+        return _open_target_database(backend, store, dry_run=dry_run)
+    except BaseException:
+        if store is not None:
+            store.release_thd()
+        raise
+
+
+def _open_target_database(
+    backend: Backend, store: NarStore | None, *, dry_run: bool
+) -> Side:
     if dry_run:
         sqlite_file = db_engine.sqlalchemy_url(backend.database_url)[1]
         if sqlite_file is not None and not sqlite_file.is_file():

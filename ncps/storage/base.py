@@ -75,17 +75,36 @@ class NarStore(Protocol):
     kind: str
     # Which pool the *_thd methods must run on: "io" (local disk) or "s3".
     pool_name: str
-    # Where downloads in progress are written (always a local directory).
-    temp_dir: Path
+
+    @property
+    def temp_dir(self) -> Path:
+        """Where downloads in progress are written (always a local directory).
+
+        After :meth:`prepare_thd`, this instance's own directory under
+        ``--cache-temp-path`` (see :mod:`ncps.tempdir`).
+        """
 
     def prepare_thd(self) -> None:
         """Startup check: create what is missing and prove the store usable.
 
-        Raises :class:`~ncps.errors.StartupError` naming the flag at fault.
+        Claims this instance's temp directory, after removing what dead
+        instances left in ``--cache-temp-path``.  Raises
+        :class:`~ncps.errors.StartupError` naming the flag at fault (and
+        then holds nothing).
+        """
+
+    def release_thd(self) -> None:
+        """Give back what :meth:`prepare_thd` claimed, at shutdown (idempotent).
+
+        Removes this instance's temp directory with any temp file still in
+        it: call it once nothing writes temp files any more.
         """
 
     def new_temp_file_thd(self, nar_key: str) -> tuple[int, Path]:
-        """A fresh, exclusively created temp file in :attr:`temp_dir`: (fd, path)."""
+        """A fresh, exclusively created temp file in :attr:`temp_dir`: (fd, path).
+
+        Claims the temp directory first if :meth:`prepare_thd` has not.
+        """
 
     def discard_thd(self, temp_path: Path) -> None:
         """Remove a temp file that will never be committed (missing is fine)."""

@@ -3,10 +3,13 @@
 Layout (compatible with the Go ncps)::
 
     <root>/store/nar/<k0>/<k0k1>/<key>.nar[.ext]    committed, verified objects
-    <root>/store/tmp/                                downloads in progress
+    <root>/store/tmp/ncps-<hex>/                     staging (one per instance)
 
-An object appears under ``store/nar`` only by an atomic rename of a whole,
-verified, fsynced temp file, so a crash never leaves a partial object visible.
+Downloads in progress go to this instance's directory under
+``--cache-temp-path`` (by default ``<root>/store/tmp``, then the same one as
+staging; see :mod:`ncps.tempdir`).  An object appears under ``store/nar`` only
+by an atomic rename of a whole, verified, fsynced temp file, so a crash never
+leaves a partial object visible.
 Every ``*_thd`` method blocks and runs on a pool thread.
 """
 
@@ -19,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ncps import tempdir
 from ncps.errors import StartupError
 from ncps.storage.base import (
     COMPRESSION_EXTENSIONS,
@@ -45,25 +49,47 @@ class LocalStore:
     def __init__(self, root: Path, temp_dir: Path) -> None:
         self.root = root
         self.nar_root = root / "store" / "nar"
-        self.staging = root / "store" / "tmp"
-        self.temp_dir = temp_dir
+        # The shared directories; this instance works in its own claimed
+        # directory inside each (one claim if they are the same directory).
+        self._staging = tempdir.TempSpace(
+            root / "store" / "tmp", "--cache-storage-local"
+        )
+        self._temp = self._staging
+        if not _same_dir(temp_dir, self._staging.base):
+            self._temp = tempdir.TempSpace(temp_dir, "--cache-temp-path")
+
+    @property
+    def temp_dir(self) -> Path:
+        """This instance's directory for downloads in progress (once prepared)."""
+        return self._temp.path
 
     def prepare_thd(self) -> None:
-        """Create the directories and prove they are writable (at startup)."""
-        for flag, directory in (
-            ("--cache-storage-local", self.nar_root),
-            ("--cache-storage-local", self.staging),
-            ("--cache-temp-path", self.temp_dir),
-        ):
-            try:
-                directory.mkdir(parents=True, exist_ok=True)
-                fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
-                os.close(fd)
-                os.unlink(probe)
-            except OSError as e:
-                raise StartupError(
-                    f"{flag}: {directory} is not writable: {e.strerror}"
-                ) from None
+        """Create the directories, prove them writable, claim our temp dirs.
+
+        Runs at startup; removes what dead instances left in the temp and
+        staging directories first.  Raises StartupError naming the flag (and
+        then holds no temp dir).
+        """
+        try:
+            self.nar_root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.nar_root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise StartupError(
+                f"--cache-storage-local: {self.nar_root} is not writable: {e.strerror}"
+            ) from None
+        try:
+            self._staging.claim_thd()
+            self._temp.claim_thd()
+        except StartupError:
+            self.release_thd()
+            raise
+
+    def release_thd(self) -> None:
+        """Remove our temp and staging directories and unlock them (shutdown)."""
+        self._temp.release_thd()
+        self._staging.release_thd()
 
     def nar_path(self, nar_key: str, compression: str) -> Path:
         """Where the committed object lives (whether or not it exists)."""
@@ -105,7 +131,7 @@ class LocalStore:
     def new_temp_file_thd(self, nar_key: str) -> tuple[int, Path]:
         """A fresh, exclusively created temp file: (fd, path)."""
         fd, path = tempfile.mkstemp(
-            prefix=f"{nar_key}-", suffix=".part", dir=self.temp_dir
+            prefix=f"{nar_key}-", suffix=".part", dir=self._temp.claim_thd()
         )
         return fd, Path(path)
 
@@ -128,7 +154,9 @@ class LocalStore:
                 raise
             # The temp dir is on another file system: copy into our own
             # staging dir first so the final step is still a rename.
-            fd, staged = tempfile.mkstemp(prefix=f"{nar_key}-", dir=self.staging)
+            fd, staged = tempfile.mkstemp(
+                prefix=f"{nar_key}-", dir=self._staging.claim_thd()
+            )
             with os.fdopen(fd, "wb") as out, open(temp_path, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
                 out.flush()
@@ -164,6 +192,14 @@ class LocalNar:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    """Whether two existing or future directories are the same one."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
 
 
 def _fsync_dir(path: Path) -> None:

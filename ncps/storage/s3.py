@@ -2,7 +2,8 @@
 
 Objects use the same keys as local storage (``store/nar/<k0>/<k0k1>/<key>.nar[.ext]``
 at the bucket's root).  Downloads in progress are local temp files in
-``temp_dir``; a whole, verified temp file is committed by uploading it: one
+``temp_dir``, this instance's own directory under ``--cache-temp-path`` (see
+:mod:`ncps.tempdir`); a whole, verified temp file is committed by uploading it: one
 ``PutObject`` up to :data:`PART_SIZE`, a multipart upload above.  S3 makes an
 object visible only once the put or the multipart completion succeeds, so a
 failed commit never leaves a partial object.
@@ -34,6 +35,7 @@ from botocore.exceptions import (
 )
 from twisted.logger import Logger
 
+from ncps import tempdir
 from ncps.errors import StartupError, StorageError
 from ncps.logs import ncps_observer
 from ncps.storage.base import nar_object_key, parse_nar_object_key
@@ -110,7 +112,7 @@ class S3Store:
         self.bucket = bucket
         self.endpoint = endpoint
         self.region = region or "us-east-1"
-        self.temp_dir = temp_dir
+        self._temp = tempdir.TempSpace(temp_dir, "--cache-temp-path")
         self._addressing_style = "path" if force_path_style else "auto"
         # Explicit keys: botocore never searches the environment, config files
         # or instance metadata for credentials, and ignores AWS_PROFILE and
@@ -160,25 +162,33 @@ class S3Store:
                 f"--cache-storage-s3-endpoint: invalid endpoint {self.endpoint!r}"
             ) from None
 
-    # -- startup -----------------------------------------------------------
+    # -- startup and shutdown ----------------------------------------------
+
+    @property
+    def temp_dir(self) -> Path:
+        """This instance's directory for downloads in progress (once prepared)."""
+        return self._temp.path
 
     def prepare_thd(self) -> None:
-        """Create the temp dir and check the bucket is there and ours (startup).
+        """Claim a temp dir and check the bucket is there and ours (startup).
 
-        Uses a client of its own with a short timeout and no retries, so a
-        dead endpoint fails startup within seconds.  Raises StartupError with
-        one line naming the flag at fault.
+        Removes what dead instances left in the temp dir first.  Uses a
+        client of its own with a short timeout and no retries, so a dead
+        endpoint fails startup within seconds.  Raises StartupError with one
+        line naming the flag at fault, and then holds no temp dir.
         """
+        self._temp.claim_thd()
         try:
-            self.temp_dir.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.temp_dir)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            raise StartupError(
-                f"--cache-temp-path: {self.temp_dir} is not writable: {e.strerror}"
-            ) from None
+            self._check_bucket_thd()
+        except StartupError:
+            self.release_thd()
+            raise
 
+    def release_thd(self) -> None:
+        """Remove our temp dir and unlock it (shutdown; idempotent)."""
+        self._temp.release_thd()
+
+    def _check_bucket_thd(self) -> None:
         probe_client = self._make_client(
             connect_timeout=3, read_timeout=10, max_attempts=1, max_pool_connections=1
         )
@@ -217,7 +227,7 @@ class S3Store:
     def new_temp_file_thd(self, nar_key: str) -> tuple[int, Path]:
         """A fresh, exclusively created temp file in temp_dir: (fd, path)."""
         fd, path = tempfile.mkstemp(
-            prefix=f"{nar_key}-", suffix=".part", dir=self.temp_dir
+            prefix=f"{nar_key}-", suffix=".part", dir=self._temp.claim_thd()
         )
         return fd, Path(path)
 

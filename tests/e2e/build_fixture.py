@@ -26,6 +26,11 @@ Binary caches (each with ``WantMassQuery: 1`` and ``Priority: 40`` appended to
   closure, uncompressed.
 
 Store paths are the same on every run and machine (content and derivations are fixed).
+
+:func:`build_hardening_fixture` (``--hardening``) builds two more caches, signed and
+uncompressed: ``burst`` (``BURST_PATHS`` tiny content-addressed paths, one
+``nix-store --add``) and ``chain`` (``CHAIN_LEVELS`` input-addressed paths, each
+referring to the one before: a closure that many levels deep).
 """
 
 from __future__ import annotations
@@ -70,6 +75,27 @@ in rec {
     args = [ "-c" "mkdir $out; cp ${blobPath} $out/blob; echo ${leaf} > $out/ref" ];
   };
 }
+"""
+
+
+BURST_PATHS = 600
+CHAIN_LEVELS = 10
+CHAIN_NIX = r"""
+{ levels }:
+let
+  sh = attrs: derivation ({
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    PATH = "/usr/bin:/bin";
+  } // attrs);
+  level = below: n: sh {
+    name = "chain-${toString n}";
+    args = [ "-c" ''
+      mkdir $out; echo ${toString n} > $out/level; echo ${below} > $out/below
+    '' ];
+  };
+  up = below: n: if n > levels then below else up (level below n) (n + 1);
+in up "" 1
 """
 
 
@@ -280,7 +306,74 @@ def build_fixture(out: Path, big_mb: float = 20.0) -> dict:
     return manifest
 
 
+def build_hardening_fixture(out: Path) -> dict:
+    """Build the ``burst`` and ``chain`` caches into ``out`` (wiped first).
+
+    Returns (and writes to ``out/manifest.json``) ``{"dir", "upstream_pubkey",
+    "burst": {"cache", "paths": [{"path", "hash"}...]}, "chain": {"cache",
+    "paths": [...]}}``; the chain's paths run from the bottom (no references) to
+    the top, whose closure is the whole chain.
+    """
+    t0 = time.monotonic()
+    if shutil.which("nix-store") is None or shutil.which("nix-build") is None:
+        raise RuntimeError(
+            "nix-store/nix-build not found: install Nix (apt-get install nix-bin)"
+        )
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    nix = _Nix(out)
+    store = out / "store"
+    secret_key = KEYS_DIR / f"{UPSTREAM_KEY_NAME}.sk"
+
+    src = out / "burst-src"
+    src.mkdir()
+    for i in range(BURST_PATHS):
+        (src / f"burst-{i:04d}").write_text(f"burst path {i}\n")
+    burst = nix.run(
+        "nix-store", "--store", store, "--add",
+        *sorted(src.iterdir()),
+    ).split()  # fmt: skip
+    assert len(burst) == BURST_PATHS, f"nix-store --add gave {len(burst)} paths"
+
+    (out / "chain.nix").write_text(CHAIN_NIX)
+    top = nix.run(
+        "nix-build", "--store", store, out / "chain.nix",
+        "--arg", "levels", str(CHAIN_LEVELS), "--no-out-link", *SANDBOX_OPTS,
+    )  # fmt: skip
+    info = json.loads(
+        nix.run("nix", "path-info", "--store", store, "--json", "--recursive", top)
+    )
+    refs = {e["path"]: [r for r in e.get("references", []) if r != e["path"]]
+            for e in info}  # fmt: skip
+    chain = [top]
+    while refs[chain[0]]:
+        (below,) = refs[chain[0]]
+        chain.insert(0, below)
+    assert len(chain) == CHAIN_LEVELS, f"chain has {len(chain)} levels: {chain}"
+
+    manifest: dict = {
+        "dir": str(out),
+        "upstream_pubkey": (KEYS_DIR / f"{UPSTREAM_KEY_NAME}.pk").read_text().strip(),
+    }
+    for name, paths in (("burst", burst), ("chain", chain)):
+        cache = out / f"cache-{name}"
+        url = f"file://{cache}?compression=none&secret-key={secret_key}"
+        nix.run("nix", "copy", "--store", store, "--to", url, *paths)
+        _append_cache_info(cache)
+        manifest[name] = {
+            "cache": str(cache),
+            "paths": [{"path": p, "hash": Path(p).name[:32]} for p in paths],
+        }
+    manifest["build_seconds"] = round(time.monotonic() - t0, 2)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[1] == "--hardening":
+        manifest = build_hardening_fixture(Path(argv[2]).resolve())
+        print(Path(manifest["dir"]) / "manifest.json")
+        return 0
     if len(argv) != 2:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@
 * ``ncps_factory``: start the daemon against upstreams; a failed test's report gets the
   tail of its log.
 * ``nix_client_factory``: a fresh, isolated client store per call.
+* ``hardening_fixture`` (session): a 600-path cache for the burst test and a chain of
+  10 paths, each referring to the one before (build_fixture.build_hardening_fixture).
 
 The suite fails (it does not skip) when Nix is not installed.
 """
@@ -24,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # also works under --import-mode=importlib
     sys.path.insert(0, str(HERE))
 
-from build_fixture import build_fixture  # noqa: E402
+from build_fixture import build_fixture, build_hardening_fixture  # noqa: E402
 from e2e_harness import Backend, Ncps, UpstreamServer, remove_tree  # noqa: E402
 from e2e_nix import Fixture, NixClient  # noqa: E402
 
@@ -57,17 +59,33 @@ def nix_fixture(tmp_path_factory: pytest.TempPathFactory) -> Fixture:
     return Fixture(manifest)
 
 
+@pytest.fixture(scope="session")
+def hardening_fixture(
+    tmp_path_factory: pytest.TempPathFactory, nix_fixture: Fixture
+) -> dict:
+    """The burst and chain caches (see build_hardening_fixture), once per session."""
+    return build_hardening_fixture(tmp_path_factory.mktemp("nix-hardening"))
+
+
 @pytest.fixture
 def upstream_factory(
     tmp_path: Path, nix_fixture: Fixture
 ) -> Iterator[Callable[..., UpstreamServer]]:
-    """``start(cache="none", throttle_bps=0)``; ``cache``: fixture cache name or dir."""
+    """``start(cache="none", throttle_bps=0, extra_args=())``.
+
+    ``cache``: a fixture cache name or a directory; ``extra_args``: more
+    ``upstream.py`` flags (delays, failures, redirects, auth, hanging).
+    """
     servers: list[UpstreamServer] = []
 
-    def start(cache: str | Path = "none", throttle_bps: int = 0) -> UpstreamServer:
+    def start(
+        cache: str | Path = "none",
+        throttle_bps: int = 0,
+        extra_args: Sequence[str] = (),
+    ) -> UpstreamServer:
         cache_dir = nix_fixture.cache(cache) if isinstance(cache, str) else cache
         server = UpstreamServer(
-            tmp_path / f"upstream-{len(servers)}", cache_dir, throttle_bps
+            tmp_path / f"upstream-{len(servers)}", cache_dir, throttle_bps, extra_args
         )
         servers.append(server)
         return server.start()
@@ -94,12 +112,14 @@ def ncps_factory(
     request: pytest.FixtureRequest,
     e2e_backend_name: str,
 ) -> Iterator[Callable[..., Ncps]]:
-    """``start(upstreams, keys=None, extra_args=(), backend=None)`` -> a daemon.
+    """``start(upstreams, keys=None, extra_args=(), backend=None, argv=None,
+    nofile_limit=None)`` -> a daemon.
 
     ``upstreams`` is one UpstreamServer/URL or a list; ``keys`` defaults to the
     fixture's upstream public key.  Each daemon gets ``backend`` or a fresh
     one of the kind ``e2e_backend_name`` names (a new bucket and database on
-    the shared servers, or a new directory).
+    the shared servers, or a new directory).  ``argv(port)`` replaces the whole
+    command line; ``nofile_limit`` is the daemon's ``ulimit -n`` (soft and hard).
     """
     daemons: list[Ncps] = []
     request.node.e2e_daemons = daemons
@@ -121,6 +141,8 @@ def ncps_factory(
         keys: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
         backend: Backend | None = None,
+        argv: Callable[[int], Sequence[str]] | None = None,
+        nofile_limit: int | None = None,
     ) -> Ncps:
         if isinstance(upstreams, (UpstreamServer, str)):
             upstreams = [upstreams]
@@ -132,6 +154,8 @@ def ncps_factory(
             urls,
             [nix_fixture.upstream_pubkey] if keys is None else keys,
             extra_args,
+            argv,
+            nofile_limit,
         )
         daemons.append(daemon)
         return daemon.start()

@@ -10,6 +10,8 @@ import hashlib
 import http.client
 import json
 import os
+import re
+import resource
 import shlex
 import shutil
 import signal
@@ -145,11 +147,19 @@ class StreamingGet:
 class UpstreamServer:
     """``upstream.py`` in a subprocess; its request log is shared across restarts."""
 
-    def __init__(self, workdir: Path, cache_dir: Path, throttle_bps: int = 0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        cache_dir: Path,
+        throttle_bps: int = 0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """``extra_args``: more ``upstream.py`` flags (``--delay``...)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = cache_dir
         self.throttle_bps = throttle_bps
+        self.extra_args = list(extra_args)
         self.port = 0
         self.log_path = workdir / "requests.jsonl"
         self.stderr_path = workdir / "upstream.stderr"
@@ -167,6 +177,7 @@ class UpstreamServer:
             sys.executable, str(UPSTREAM_SCRIPT), "--dir", str(self.cache_dir),
             "--port", str(self.port), "--port-file", str(port_file),
             "--log", str(self.log_path), "--throttle-bps", str(self.throttle_bps),
+            *self.extra_args,
         ]  # fmt: skip
         with self.stderr_path.open("ab") as err:
             self.proc = subprocess.Popen(
@@ -226,8 +237,48 @@ class UpstreamServer:
         """How many ``method`` requests for ``path`` (``/``-prefixed) arrived so far."""
         return self.request_paths(method).count(path)
 
+    def max_nar_inflight(self) -> int:
+        """The most ``/nar/`` requests this server was serving at one time."""
+        return max((r.get("nar_inflight", 0) for r in self.records()), default=0)
+
+    def nar_requests_settled(self) -> bool:
+        """Every ``/nar/`` request that arrived has been answered (or aborted)."""
+        started = [r for r in self.records() if r["path"].startswith("/nar/")]
+        done = [r for r in self.records("done") if r["path"].startswith("/nar/")]
+        return len(started) == len(done)
+
 
 # --------------------------------------------------------------------------- ncps
+
+
+def cli_command() -> list[str]:
+    """How to run the ``ncps`` command itself (``ncps serve ...``, ``ncps migrate``).
+
+    ``NCPS_E2E_CLI`` (a shell-style command line) replaces the default, which runs
+    ``ncps.cli:main`` from this checkout, as the installed ``ncps`` script does.
+    """
+    override = os.environ.get("NCPS_E2E_CLI", "").strip()
+    if override:
+        return shlex.split(override)
+    return [
+        sys.executable, "-c",
+        "import sys; from ncps.cli import main; sys.argv[0] = 'ncps'; main()",
+    ]  # fmt: skip
+
+
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]+):[^@\s/]+@")
+
+
+def redact_passwords(text: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def part_files(directory: Path) -> list[Path]:
+    """Every ``*.part`` file anywhere below ``directory`` (none if it is missing)."""
+    if not directory.exists():
+        return []
+    return sorted(directory.rglob("*.part"))
 
 
 def daemon_command() -> list[str]:
@@ -336,7 +387,14 @@ class Ncps:
         upstream_urls: Sequence[str],
         upstream_keys: Sequence[str],
         extra_args: Sequence[str] = (),
+        argv: Callable[[int], Sequence[str]] | None = None,
+        nofile_limit: int | None = None,
     ) -> None:
+        """``argv(port)``, when given, is the whole command line (the flags above are
+        then unused): to start ncps exactly as a user types it. ``nofile_limit`` sets
+        both the soft and the hard RLIMIT_NOFILE of the daemon, like ``ulimit -n``
+        would under a service manager (ncps may raise its soft limit to the hard one).
+        """
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.backend = backend
@@ -344,6 +402,8 @@ class Ncps:
         self.upstream_urls = list(upstream_urls)
         self.upstream_keys = list(upstream_keys)
         self.extra_args = list(extra_args)
+        self.argv = argv
+        self.nofile_limit = nofile_limit
         self.port = 0
         self.log_path = workdir / "ncps.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -354,6 +414,8 @@ class Ncps:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        if self.argv is not None:
+            return list(self.argv(self.port))
         cmd = [
             *daemon_command(),
             f"--cache-hostname={PROXY_HOSTNAME}",
@@ -374,12 +436,22 @@ class Ncps:
             self.port = free_port()
         self.starts += 1
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONUNBUFFERED="1")
+        # The banner is ours, not ncps's: it must not put a password in the log
+        # that the tests search for leaked passwords.
+        banner = redact_passwords(f"{self.command()}")
+        limit = self.nofile_limit
+
+        def set_limits() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         with self.log_path.open("ab") as log:
-            log.write(f"\n===== e2e: start #{self.starts}: {self.command()}\n".encode())
+            log.write(f"\n===== e2e: start #{self.starts}: {banner}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
                 self.command(), cwd=REPO_ROOT, env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=set_limits if limit is not None else None,
             )  # fmt: skip
 
         def healthy() -> bool:
@@ -432,6 +504,34 @@ class Ncps:
     def restart(self) -> Ncps:
         self.stop()
         return self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not running"
+        return self.proc.pid
+
+    def open_fds(self) -> int:
+        """How many descriptors the daemon has open now (0 once it is gone)."""
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/fd"))
+        except (FileNotFoundError, ProcessLookupError):
+            return 0
+
+    def nofile_limits(self) -> tuple[int, int]:
+        """The daemon's (soft, hard) RLIMIT_NOFILE, as the kernel reports them now."""
+        for line in Path(f"/proc/{self.pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+        raise AssertionError(f"no open-files limit in /proc/{self.pid}/limits")
+
+    def peak_rss_kib(self) -> int:
+        """The daemon's peak resident set size so far (``VmHWM``), in KiB."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError(f"no VmHWM in /proc/{self.pid}/status")
 
     # ---- HTTP
     def get(self, path: str, method: str = "GET", timeout: float = 30) -> Response:

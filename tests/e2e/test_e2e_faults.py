@@ -25,6 +25,7 @@ from e2e_harness import (
     StreamingGet,
     daemon_command,
     free_port,
+    part_files,
     wait_for_committed_nar,
     wait_until,
 )
@@ -141,7 +142,7 @@ def test_s3_outage_never_stores_or_serves_partial_nars(
         assert client.verify([key]).rc == 0
         temp = tmp_path / "storage" / "tmp"
         wait_until(
-            lambda: temp.exists() and not any(temp.iterdir()), 30, "temp files removed"
+            lambda: temp.exists() and not part_files(temp), 30, "temp files removed"
         )
         assert ncps.db_rows("nar_files") == []
         proxy.up()

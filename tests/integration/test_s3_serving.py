@@ -119,7 +119,13 @@ async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
         assert code == 200
         assert len(boto_threads) > uploads  # read from S3, not from a temp file
         assert hashlib.sha256(warm).digest() == hashlib.sha256(fx.file).digest()
-        assert list((tmp_path / "tmp").iterdir()) == []
+        # Nothing but this instance's own (empty) temp dir and its lock file.
+        (claimed,) = [p for p in (tmp_path / "tmp").iterdir() if p.is_dir()]
+        assert list(claimed.iterdir()) == []
+        assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [
+            claimed.name,
+            f"{claimed.name}.lock",
+        ]
     finally:
         await service.stopService()
         await upstream.stopListening()
