@@ -1,7 +1,10 @@
-"""twistd/twist dropin: ``twistd ncps`` / ``twist ncps`` start the Nix binary-cache proxy."""
+"""twistd/twist dropin: ``twistd ncps`` and ``twist ncps`` start the Nix cache proxy."""
 
 from twisted.application.service import ServiceMaker
 
 ncps = ServiceMaker(
-    "ncps", "ncps.tap", "Nix binary-cache proxy (caching, verifying substituter)", "ncps"
+    "ncps",
+    "ncps.tap",
+    "Nix binary-cache proxy (caching, verifying substituter)",
+    "ncps",
 )
