@@ -35,6 +35,12 @@ class Backoff:
         """Whether the upstream has failed since it last answered."""
         return self.failures > 0
 
+    @property
+    def down(self) -> bool:
+        """Whether it has failed for so long that its window reached ``cap``
+        (about two minutes of failures with the defaults): no longer a blip."""
+        return self.failures > 0 and self.first * 2.0 ** (self.failures - 1) >= self.cap
+
     def may_ask(self, now: float) -> bool:
         """Whether a request may go now (counting one that would be the probe)."""
         return self.failures == 0 or (now >= self.retry_at and not self.probing)

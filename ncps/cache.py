@@ -211,32 +211,41 @@ class Cache:
     async def _fetch_narinfo(self, hash_part: str) -> NarInfoRecord:
         """Ask the upstreams that are not backing off, in order.
 
-        Raises :class:`NotFound` when at least one upstream said it does not
-        have the narinfo or sent one we must not serve (as Nix itself skips a
+        Raises :class:`NotFound` when every upstream said it does not have
+        the narinfo or sent one we must not serve (as Nix itself skips a
         narinfo without a trusted signature), and :class:`UpstreamsUnavailable`
-        when none could say (each errored, timed out or was backing off): Nix
-        remembers a 404 for an hour, so one is never made up.
+        (503, which Nix retries) when one that might have it could not say:
+        it errored, timed out or is backing off.  Nix remembers a 404 for an
+        hour, so one is never made up for a passing failure.  An upstream that
+        has kept failing until its backoff reached the cap counts as down, and
+        a down upstream as absent (as Nix disables a failing substituter):
+        otherwise every path no other upstream has would fail clients' builds.
         The pool records each upstream's health (``UpstreamPool._get``).
         """
         await self._upstreams.first_check()
         asked = self._upstreams.available()
-        # Upstreams left out for backoff, or that gave no definitive answer.
-        skipped = len(self._upstreams.upstreams) - len(asked)
-        absent = 0
+        # Upstreams left out for a backoff that is not (yet) an outage, or
+        # that gave no definitive answer.
+        left_out = [u for u in self._upstreams.upstreams if u not in asked]
+        skipped = sum(1 for u in left_out if not u.backoff.down)
+        down = len(left_out) - skipped
         rejected = False
         for upstream in asked:
             try:
                 text = await self._upstreams.fetch_narinfo(upstream, hash_part)
             except NotFound:
-                absent += 1
-                continue
-            except BackingOff:
-                # Another request is probing it right now: skipped, quietly
-                # (one warning per backoff window comes from the pool).
-                skipped += 1
                 continue
             except UpstreamError as e:
-                skipped += 1
+                # The pool has recorded the failure: a probe of a down
+                # upstream that failed again leaves it down.
+                if upstream.backoff.down:
+                    down += 1
+                else:
+                    skipped += 1
+                if isinstance(e, BackingOff):
+                    # Another request is probing it right now: quietly (one
+                    # warning per backoff window comes from the pool).
+                    continue
                 log.warn(
                     "upstream {url} failed for {hash}: {why}",
                     url=upstream.url,
@@ -249,7 +258,6 @@ class Cache:
             except Rejected as e:
                 # A definitive "nothing we may serve", but not remembered:
                 # keys and upstream contents change.
-                absent += 1
                 rejected = True
                 log.warn(
                     "rejected narinfo {hash} from {url}: {why}",
@@ -262,14 +270,14 @@ class Cache:
             self._missing.discard(hash_part)
             self._prefetch(stored)
             return stored
-        if absent == 0 and skipped > 0:
+        if skipped > 0:
             raise UpstreamsUnavailable(
-                f"no upstream could answer for {hash_part} "
-                f"({skipped} failing or backing off)"
+                f"no upstream has {hash_part} and {skipped} could not say "
+                f"(failing or backing off)"
             )
-        if skipped == 0 and not rejected:
-            # Every upstream said so: remembered, as an error, a timeout or
-            # a rejected narinfo may be different next time.
+        if down == 0 and not rejected:
+            # Every upstream said so: remembered, as an outage or a rejected
+            # narinfo may be different next time.
             self._missing.add(hash_part)
         raise NotFound(hash_part)
 

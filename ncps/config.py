@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -649,7 +650,12 @@ def check_database_url(url: str, flag: str = "--cache-database-url") -> None:
             )
         return
     if scheme in ("postgresql", "postgres", "mysql") and rest.startswith("//"):
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:  # e.g. an unclosed "[" of an IPv6 host
+            raise ConfigError(
+                f"{flag}: {redact_url(url)!r} is not a URL: {e}"
+            ) from None
         try:
             parts.port  # noqa: B018 - validates the port
         except ValueError:
@@ -669,8 +675,8 @@ def check_database_url(url: str, flag: str = "--cache-database-url") -> None:
     )
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``.
+def _redact_userinfo(url: str) -> str:
+    """``url`` with the password of its user info replaced by ``***``.
 
     Works on text that is not a valid URL too: whatever sits between the
     first ``:`` after the scheme's ``//`` and the last ``@`` of the authority
@@ -691,6 +697,15 @@ def redact_url(url: str) -> str:
         return url
     user = userinfo.split(":", 1)[0]
     return f"{scheme}//{user}:***@{rest[len(authority) - len(host) :]}"
+
+
+# libpq and PyMySQL also take a password as a query parameter.
+_QUERY_SECRET = re.compile(r"([?&](?:password|passwd|sslpassword)=)[^&#]*", re.I)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password, in its user info or its query, as ``***``."""
+    return _QUERY_SECRET.sub(r"\1***", _redact_userinfo(url))
 
 
 def _split_url(url: str) -> SplitResult | None:
@@ -714,6 +729,13 @@ def _check_upstream_url(url: str) -> str:
         )
     if parts.fragment:
         raise ConfigError(f"--cache-upstream-url: {shown!r} must not have a fragment")
+    if parts.query:
+        # Nix reads "?priority=..." and such as store settings; paths would
+        # land inside the query here.
+        raise ConfigError(
+            f"--cache-upstream-url: {shown!r} must not have a query "
+            "(Nix store parameters such as ?priority= are not supported)"
+        )
     try:
         parts.port  # noqa: B018 - validates the port
     except ValueError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class NcpsError(Exception):
     """Base class of every error ncps raises on purpose."""
@@ -49,10 +51,27 @@ class StartupError(NcpsError):
     """Something the daemon needs at startup is missing or unusable."""
 
 
+# Warnings of the configuration (deprecated names, guessed schemes): logged
+# as the daemon starts, and repeated by exit_on_startup_error, because a
+# startup that fails may never get to write its log.
+_startup_warnings: list[str] = []
+
+
+def note_startup_warnings(lines: Sequence[str]) -> None:
+    """Keep ``lines`` to repeat if startup fails (see exit_on_startup_error)."""
+    _startup_warnings[:] = lines
+
+
 def exit_on_startup_error(message: str) -> None:
-    """Stop a starting daemon with one line on stderr and a non-zero status."""
+    """Stop a starting daemon with one line on stderr and a non-zero status.
+
+    The configuration's warnings come first, each on a line of its own: the
+    scheme guessed for an endpoint may be why it cannot be reached.
+    """
     import sys
 
+    for line in _startup_warnings:
+        sys.stderr.write(f"ncps: warning: {line}\n")
     sys.stderr.write(f"ncps: {message}\n")
     sys.stderr.flush()
     raise SystemExit(78)

@@ -25,7 +25,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ncps.config import Config, check_unsupported_flag, environment, load_config
-from ncps.errors import ConfigError, StartupError, exit_on_startup_error
+from ncps.errors import (
+    ConfigError,
+    StartupError,
+    exit_on_startup_error,
+    note_startup_warnings,
+)
 from ncps.logs import LEVELS, file_observer_factory, ncps_observer, set_level
 from ncps.settings import (
     ALIASES,
@@ -221,6 +226,7 @@ class Options(usage.Options):
                 self.given_flags(), environment(), self["config"], warnings.append
             )
         except ConfigError as e:
+            note_startup_warnings(warnings)
             _fail(str(e))
         self.warnings = tuple(warnings)
         self._hand_logging_to_runner(self.config)
@@ -255,6 +261,7 @@ def makeService(options: Options) -> IService:
     set_level(options.config.log_level)
     for line in options.warnings:
         log.warn("{warning}", warning=line)
+    note_startup_warnings(options.warnings)
     try:
         return build_service(options.config, reactor)
     except StartupError as e:

@@ -63,6 +63,9 @@ class WireLimits:
 
     read_header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    # A client that takes none of our bytes for this long is cut off: a
+    # response it stopped reading must not hold its connection for ever.
+    send_timeout: float = 60.0
     # Bodies of methods other than GET/HEAD (none is routed yet).
     max_body: int = 64 * 1024
     # One line of the head (request line or header) and the whole head.
@@ -96,6 +99,7 @@ class LimitedChannel(http.HTTPChannel):
         super().__init__()
         self._deadline: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
+        self._stalled: IDelayedCall | None = None
         self._at_request_line = True
         self._gated = False
 
@@ -114,6 +118,7 @@ class LimitedChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timers()
+        self._cancel_stall()
         if self._gated and self.gate is not None:
             self._gated = False
             self.gate.closed()
@@ -194,6 +199,35 @@ class LimitedChannel(http.HTTPChannel):
             self._cancel_timers()
             self._idle = self.callLater(self.limits.idle_timeout, self._idle_passed)
         super().requestDone(request)
+
+    # -- a client that stops reading ------------------------------------------
+
+    def pauseProducing(self) -> None:
+        # The transport's send buffer is full: the client is not reading.
+        super().pauseProducing()
+        if self._stalled is None and not self._closing():
+            self._stalled = self.callLater(self.limits.send_timeout, self._stall_passed)
+
+    def resumeProducing(self) -> None:
+        self._cancel_stall()
+        super().resumeProducing()
+
+    def _stall_passed(self) -> None:
+        self._stalled = None
+        transport = self.transport
+        if transport is None:
+            return
+        log.debug(
+            "client took no bytes for {seconds} s; connection aborted",
+            seconds=self.limits.send_timeout,
+        )
+        abort = getattr(transport, "abortConnection", transport.loseConnection)
+        abort()
+
+    def _cancel_stall(self) -> None:
+        call, self._stalled = self._stalled, None
+        if call is not None and call.active():
+            call.cancel()
 
     # -- refusing --------------------------------------------------------------
 

@@ -138,3 +138,27 @@ def test_clients_beyond_the_limit_wait_for_a_free_connection(tmp_path: Path) -> 
                 s.close()
     finally:
         stop(proc)
+
+
+def test_a_failed_startup_repeats_the_configuration_warnings(tmp_path: Path) -> None:
+    # The deprecated name warns; the port in use stops startup.  Both lines
+    # must reach the operator, although logging never got going.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = start(
+            tmp_path,
+            port,
+            1024,
+            1024,
+            f"--cache-data-path={tmp_path / 'old-storage'}",
+        )
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 78
+    lines = [line for line in out.splitlines() if line.startswith("ncps: ")]
+    assert lines[-2].startswith("ncps: warning: --cache-data-path")
+    assert "deprecated" in lines[-2]
+    assert lines[-1].startswith(
+        f"ncps: --server-addr: cannot listen on 127.0.0.1:{port}"
+    )

@@ -42,6 +42,16 @@ class Hello(resource.Resource):
         return b"hello\n"
 
 
+class Big(resource.Resource):
+    """A response far larger than the socket buffers."""
+
+    isLeaf = True
+    size = 64 << 20
+
+    def render(self, request: server.Request) -> bytes:
+        return b"x" * self.size
+
+
 @attrs.define
 class Seen:
     """What a client saw: the bytes it got and when the server closed."""
@@ -264,3 +274,37 @@ async def test_at_the_connection_limit_a_client_waits_then_is_served() -> None:
         for s in held:
             s.close()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_is_cut_off() -> None:
+    stall = 1.5
+    site = QuietSite(
+        Big(),
+        limits=WireLimits(read_header_timeout=DEADLINE, send_timeout=stall),
+        reactor=reactor,
+    )
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    number = port.getHost().port
+
+    def stop_reading() -> tuple[int, bool]:
+        with socket.create_connection(("127.0.0.1", number), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            s.sendall(GET)
+            s.recv(1024)
+            time.sleep(stall + 2.0)  # takes nothing: the server's buffer fills
+            got, cut = 0, False
+            try:
+                while block := s.recv(1 << 20):
+                    got += len(block)
+            except ConnectionResetError:
+                cut = True
+            return got, cut
+
+    try:
+        got, cut = await threads.deferToThread(stop_reading)
+    finally:
+        await port.stopListening()
+    # Cut off, long before the 64 MiB were sent.
+    assert got < Big.size // 2
+    assert cut or got < Big.size

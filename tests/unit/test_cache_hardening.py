@@ -386,13 +386,14 @@ def test_a_missing_narinfo_asks_the_upstreams_once_per_ttl(build: Build) -> None
     assert rig.narinfo_asks(rig.up1, MISSING) == rig.narinfo_asks(rig.up2, MISSING) == 2
 
 
-def test_a_narinfo_an_upstream_failed_on_is_not_remembered_missing(
+def test_a_narinfo_an_upstream_failed_on_is_unavailable_not_missing(
     build: Build,
 ) -> None:
     rig = build()
     rig.up1.set(f"{MISSING}.narinfo", b"boom", status=500)
     for asks in (1, 2, 3):
-        assert isinstance(failure_of(rig.narinfo(MISSING)), NotFound)
+        # up1 might have it: a 503 that Nix retries, never a 404 it keeps.
+        assert isinstance(failure_of(rig.narinfo(MISSING)), UpstreamsUnavailable)
         assert rig.narinfo_asks(rig.up2, MISSING) == asks
     # up1 failed once and is skipped during its backoff window.
     assert rig.narinfo_asks(rig.up1, MISSING) == 1
@@ -402,6 +403,30 @@ def test_a_narinfo_an_upstream_failed_on_is_not_remembered_missing(
     assert isinstance(failure_of(rig.narinfo(MISSING)), NotFound)
     assert rig.narinfo_asks(rig.up1, MISSING) == 2
     assert rig.narinfo_asks(rig.up2, MISSING) == 4
+
+
+def test_an_upstream_down_for_minutes_counts_as_absent(build: Build) -> None:
+    rig = build()
+    rig.up1.set(f"{MISSING}.narinfo", b"", status=502)
+    up1 = rig.pool.upstreams[0]
+    answers = []
+    # Keep up1 failing, one probe per window, until its window is the cap.
+    while not up1.backoff.down:
+        answers.append(failure_of(rig.narinfo(MISSING)))
+        rig.clock.advance(61)
+    assert all(isinstance(a, UpstreamsUnavailable) for a in answers[:-1])
+    assert up1.backoff.failures >= 7
+    # Down: a miss is a 404 (as Nix disables a failing substituter), but not
+    # remembered, so its return is seen at once.
+    assert isinstance(failure_of(rig.narinfo(MISSING)), NotFound)
+    asked = rig.narinfo_asks(rig.up2, MISSING)
+    assert isinstance(failure_of(rig.narinfo(MISSING)), NotFound)
+    assert rig.narinfo_asks(rig.up2, MISSING) == asked + 1
+    # It comes back: one success ends the outage.
+    rig.clock.advance(61)
+    rig.up1.responses.pop(f"{MISSING}.narinfo")
+    assert isinstance(failure_of(rig.narinfo(MISSING)), NotFound)
+    assert not up1.backoff.active
 
 
 # -- backoff ---------------------------------------------------------------------------
@@ -457,7 +482,7 @@ def test_an_upstream_backing_off_since_the_request_began_is_skipped_silently(
     rig.up2.set(f"{y.hash_part}.narinfo", b"", status=500)
     dx = rig.narinfo(x.hash_part)  # waits for up1; up2 still looks fine
     dy = rig.narinfo(y.hash_part)  # up1: 404; up2: 500, so up2 backs off
-    assert isinstance(failure_of(dy), NotFound)
+    assert isinstance(failure_of(dy), UpstreamsUnavailable)
     rig.clock.advance(0.5)  # up1 times out for x; up2 is backing off now
     rig.settle()
     assert isinstance(failure_of(dx), UpstreamsUnavailable)
@@ -518,21 +543,22 @@ def test_a_rejected_narinfo_is_404_but_not_remembered(build: Build) -> None:
     rig = build()
     bad = make_nar_fixture(key=WRONG_UPSTREAM_KEY)
     rig.up1.add(bad)
-    rig.up2.set(f"{bad.hash_part}.narinfo", b"", status=502)
-    assert isinstance(failure_of(rig.narinfo(bad.hash_part)), NotFound)
-    rig.clock.advance(1)
     rig.up2.set(f"{bad.hash_part}.narinfo", b"", status=404)
     assert isinstance(failure_of(rig.narinfo(bad.hash_part)), NotFound)
     assert isinstance(failure_of(rig.narinfo(bad.hash_part)), NotFound)
-    assert rig.narinfo_asks(rig.up1, bad.hash_part) == 3
+    assert rig.narinfo_asks(rig.up1, bad.hash_part) == 2
+    # With the other upstream failing, it is the failure that decides.
+    rig.up2.set(f"{bad.hash_part}.narinfo", b"", status=502)
+    assert isinstance(failure_of(rig.narinfo(bad.hash_part)), UpstreamsUnavailable)
 
 
-def test_one_404_and_one_failure_is_404_but_not_remembered(build: Build) -> None:
+def test_one_404_and_one_failure_is_503_and_not_remembered(build: Build) -> None:
     rig = build()
     rig.up1.set(f"{MISSING}.narinfo", b"", status=404)
     rig.up2.set(f"{MISSING}.narinfo", b"", status=500)
-    assert isinstance(failure_of(rig.narinfo(MISSING)), NotFound)
-    assert isinstance(failure_of(rig.narinfo(MISSING)), NotFound)
+    assert isinstance(failure_of(rig.narinfo(MISSING)), UpstreamsUnavailable)
+    # up2 backs off; still not a 404 while it may have the path.
+    assert isinstance(failure_of(rig.narinfo(MISSING)), UpstreamsUnavailable)
     assert rig.narinfo_asks(rig.up1, MISSING) == 2
 
 

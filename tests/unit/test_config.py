@@ -12,7 +12,14 @@ import attrs
 import pytest
 import yaml
 
-from ncps.config import SETTINGS, Config, _read_config_file, load_config
+from ncps.config import (
+    SETTINGS,
+    Config,
+    _read_config_file,
+    check_database_url,
+    load_config,
+    redact_url,
+)
 from ncps.errors import ConfigError
 from ncps.testing import TEST_CACHE_KEY, TEST_UPSTREAM_KEY, WRONG_UPSTREAM_KEY
 
@@ -425,6 +432,12 @@ def _error(
         ),
         ({"cache_upstream_url": ["cache.example.org"]}, (), "--cache-upstream-url: "),
         (
+            {"cache_upstream_url": ["https://u:s3cret@cache.example.org?priority=30"]},
+            (),
+            "--cache-upstream-url: 'https://u:***@cache.example.org?priority=30' must "
+            "not have a query",
+        ),
+        (
             {"cache_upstream_url": ["https://a.example", "https://a.example"]},
             (),
             "--cache-upstream-url: ",
@@ -633,3 +646,28 @@ def test_contrib_example_mentions_every_setting() -> None:
             rf"^\s*#\s+{re.escape(leaf)}:", text, re.MULTILINE
         )
         assert mentioned, setting.key
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://127.0.0.1:1/db?password=s3cret&sslmode=disable",
+            "postgresql://127.0.0.1:1/db?password=***&sslmode=disable",
+        ),
+        ("mysql://u:s3cret@h/db?PASSWD=s3cret", "mysql://u:***@h/db?PASSWD=***"),
+        ("postgresql://u:s3cret@h/db", "postgresql://u:***@h/db"),
+    ],
+)
+def test_database_passwords_are_hidden_in_the_user_info_and_the_query(
+    url: str, shown: str
+) -> None:
+    assert redact_url(url) == shown
+
+
+def test_a_database_url_that_does_not_parse_is_one_line_naming_the_flag() -> None:
+    with pytest.raises(ConfigError) as info:
+        check_database_url("postgresql://u:s3cret@[bad/db")
+    message = str(info.value)
+    assert message.startswith("--cache-database-url: 'postgresql://u:***@[bad/db'")
+    assert "s3cret" not in message
