@@ -24,6 +24,10 @@ BASE_DESCRIPTORS = 64
 PER_DOWNLOAD = 3
 # SQLite opens a handful of descriptors per connection (database, WAL, shm).
 PER_SQLITE_CONNECTION = 3
+# Idle keep-alive connections kept per upstream host (ncps.upstream), and
+# the hosts beyond the upstreams that redirects lead to (presigned URLs).
+IDLE_PER_UPSTREAM = 16
+REDIRECT_HOSTS = 1
 # A client connection is a socket, plus a NAR file it may be sent.
 PER_CLIENT = 2
 # Below this many clients ncps is not a useful proxy: stop and say so.
@@ -38,6 +42,7 @@ class Budget:
     db_connections: int
     sqlite: bool
     s3_connections: int
+    upstreams: int = 1
 
     def headroom(self) -> int:
         per_db = PER_SQLITE_CONNECTION if self.sqlite else 1
@@ -46,6 +51,7 @@ class Budget:
             + self.max_downloads * PER_DOWNLOAD
             + self.db_connections * per_db
             + self.s3_connections
+            + (self.upstreams + REDIRECT_HOSTS) * IDLE_PER_UPSTREAM
         )
 
 

@@ -150,6 +150,7 @@ def descriptor_budget(config: Config) -> int:
         db_connections=db_threads(backend),
         sqlite=is_sqlite(backend),
         s3_connections=S3_THREADS if backend.storage_s3 is not None else 0,
+        upstreams=len(config.upstream_urls),
     )
     return client_limit(soft, budget, config.max_connections)
 

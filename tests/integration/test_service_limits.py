@@ -98,8 +98,9 @@ def test_soft_limit_is_raised_and_clients_are_sized_to_it(tmp_path: Path) -> Non
     finally:
         out = stop(proc)
     assert "raised the file descriptor limit from 1024 to 4096" in out
-    # 4096 descriptors, minus 64 + 32 x 3 downloads + 4 x 3 SQLite, halved.
-    assert f"at most {(4096 - 172) // 2} client connections" in out
+    # 4096 descriptors, minus 64 + 32 x 3 downloads + 4 x 3 SQLite + 2 x 16
+    # idle upstream connections, halved.
+    assert f"at most {(4096 - 204) // 2} client connections" in out
 
 
 def test_explicit_limit_beyond_the_descriptors_stops_startup(tmp_path: Path) -> None:
