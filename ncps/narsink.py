@@ -29,13 +29,23 @@ from ncps.nixhash import NixHash
 
 # Compressions whose NarHash we can check while the bytes stream in.
 VERIFIABLE_COMPRESSIONS = frozenset({"none", "xz", "zstd", "bzip2"})
-_OUT_CHUNK = 1 << 20
+# Most decompressed bytes per call: the buffer a decoder fills (one per io
+# thread at a time) and the bytes object it becomes.
+_OUT_CHUNK = 256 << 10
 # Pieces of input handed to an xz/bzip2 decompressor in one call: the first
 # of each stream is small, the next ones double up to the largest.
 _FIRST_SLICE = 16
 _IN_SLICE = 64 << 10
-# zstd frames may ask for a window of at most this size (bounded memory).
-_ZSTD_MAX_WINDOW = 1 << 27
+# The most history a decoder may keep: a zstd frame's window, an xz
+# stream's dictionary.  2^27 (128 MiB) is libzstd's default limit, the one
+# Nix decodes zstd NARs with (through libarchive), and twice what xz -9 uses.
+# Larger streams are refused before the decoder allocates anything.  Pages
+# are only touched as output is written, so a download's resident share is
+# at most min(window, NarSize).
+DECODER_WINDOW = 1 << 27
+# xz's limit counts the decoder's whole memory: the dictionary plus its
+# own state (tens of KiB).
+_XZ_MEMLIMIT = DECODER_WINDOW + (1 << 20)
 
 
 @attrs.frozen
@@ -64,6 +74,16 @@ def compressed_cap(nar_size: int) -> int:
 class _Decoder(Protocol):
     def feed(self, data: bytes) -> None: ...
     def finish(self) -> None: ...
+
+
+class _Spent:
+    """Stands in for a decoder once its memory was given back."""
+
+    def feed(self, data: bytes) -> None:
+        raise IntegrityError("the NAR was already finished or discarded")
+
+    def finish(self) -> None:
+        raise IntegrityError("the NAR was already finished or discarded")
 
 
 class _NarCounter:
@@ -141,7 +161,7 @@ class _Stdlib:
 
 class _Zstd:
     def __init__(self, out: _NarCounter) -> None:
-        dctx = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+        dctx = zstandard.ZstdDecompressor(max_window_size=DECODER_WINDOW)
         sink: Any = out  # a file-like object with write(); all zstd needs
         self.writer = dctx.stream_writer(
             sink, write_size=_OUT_CHUNK, write_return_read=True
@@ -163,8 +183,10 @@ class _Zstd:
 
 
 def _xz_decompressor() -> lzma.LZMADecompressor:
-    # The .xz container only: never lzma-alone or raw streams.
-    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    # The .xz container only: never lzma-alone or raw streams.  A stream
+    # whose dictionary would need more than the limit fails (LZMAError)
+    # before the dictionary is allocated.
+    return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
 
 
 class NarSink:
@@ -239,6 +261,8 @@ class NarSink:
             self.decoder.finish()
         except (lzma.LZMAError, OSError, EOFError) as e:
             raise IntegrityError(f"compressed NAR does not decode: {e}") from None
+        finally:
+            self._drop_decoder()
         if exp.file_size is not None and self.file_size != exp.file_size:
             raise IntegrityError(
                 f"download is {self.file_size} bytes, FileSize says {exp.file_size}"
@@ -270,6 +294,18 @@ class NarSink:
         self.close_thd()
 
     def close_thd(self) -> None:
+        self._drop_decoder()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def _drop_decoder(self) -> None:
+        """Free the decoder's window and buffers now.
+
+        They are native memory (a zstd window or an xz dictionary, up to
+        :data:`DECODER_WINDOW`) that the garbage collector does not see:
+        left to it, the decoders of finished downloads that sit in reference
+        cycles pile up (162 of them, 385 MiB allocated, at the peak of a
+        301-path closure).
+        """
+        self.decoder = _Spent()

@@ -7,6 +7,7 @@ import functools
 import lzma
 import os
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import zstandard
 
 from ncps.errors import IntegrityError
-from ncps.narsink import Expected, NarSink, compressed_cap
+from ncps.narsink import DECODER_WINDOW, Expected, NarSink, compressed_cap
 from ncps.testing import compress, random_nar, sha256
 
 COMPRESSIONS = ["none", "xz", "zstd", "bzip2"]
@@ -331,10 +332,11 @@ def test_many_tiny_streams_are_decoded_in_linear_work(
     one = lzma.compress(b"") if compression == "xz" else bz2.compress(b"")
     file = one * 30_000 + compress(NAR, compression)
     sink = NarSink(fd, expected_for(NAR, file, compression))
+    decoder = sink.decoder  # let go of by finish_thd
     for piece in pieces(file, CHUNK):
         sink.write_thd([piece])
     assert sink.finish_thd() == len(file)
-    assert sink.decoder.fed <= 2 * len(file)  # type: ignore[attr-defined]
+    assert decoder.fed <= 2 * len(file)  # type: ignore[attr-defined]
 
 
 def test_skippable_zstd_frames_count_toward_the_cap(
@@ -363,3 +365,91 @@ def test_xz_means_the_xz_container_only(sink_file: tuple[Path, int], fmt: int) -
     file = lzma.compress(NAR, format=fmt, filters=filters)
     with pytest.raises(IntegrityError):
         verify(fd, file, expected_for(NAR, file, "xz"))
+
+
+# -- decoder memory: bounded per stream, given back when the NAR is done ---------------
+
+
+def zstd_declaring_window(data: bytes, window_log: int) -> bytes:
+    """One zstd frame of ``data`` whose header asks for a 2**window_log window."""
+    c = zstandard.ZstdCompressor(level=1, write_content_size=False).compressobj()
+    frame = bytearray(c.compress(data) + c.flush())
+    # No single-segment flag: byte 5 is the window descriptor (exponent
+    # window_log - 10, no mantissa), which is all a decoder sizes its window by.
+    assert frame[4] & 0x20 == 0
+    frame[5] = (window_log - 10) << 3
+    return bytes(frame)
+
+
+def xz_declaring_dictionary(data: bytes, props: int) -> bytes:
+    """An .xz stream of ``data`` whose LZMA2 dictionary is (2 | props & 1) <<
+    (props // 2 + 11) bytes: only the block header's props byte (and its
+    CRC) differ from what xz wrote."""
+    stream = bytearray(lzma.compress(data, preset=0))
+    size = (stream[12] + 1) * 4
+    header = stream[12 : 12 + size - 4]
+    assert header[2:4] == b"\x21\x01"  # one LZMA2 filter, one props byte
+    header[4] = props
+    stream[12 : 12 + size] = header + _crc(bytes(header))
+    return bytes(stream)
+
+
+def test_zstd_window_as_large_as_nix_accepts_decodes(
+    sink_file: tuple[Path, int],
+) -> None:
+    _, fd = sink_file
+    assert DECODER_WINDOW == 1 << 27  # libzstd's default limit, Nix's too
+    file = zstd_declaring_window(NAR, 27)
+    assert verify(fd, file, expected_for(NAR, file, "zstd")) == len(file)
+
+
+def test_zstd_frame_asking_for_a_larger_window_is_refused(
+    sink_file: tuple[Path, int],
+) -> None:
+    _, fd = sink_file
+    file = zstd_declaring_window(NAR, 31)  # a 2 GiB window
+    with pytest.raises(IntegrityError, match="zstd NAR does not decode"):
+        verify(fd, file, expected_for(NAR, file, "zstd"))
+
+
+def test_xz_with_the_dictionary_of_xz_9_decodes(sink_file: tuple[Path, int]) -> None:
+    _, fd = sink_file
+    file = xz_declaring_dictionary(NAR, 28)  # 64 MiB, as xz -9
+    assert verify(fd, file, expected_for(NAR, file, "xz")) == len(file)
+
+
+def test_xz_asking_for_a_larger_dictionary_is_refused(
+    sink_file: tuple[Path, int],
+) -> None:
+    _, fd = sink_file
+    file = xz_declaring_dictionary(NAR, 36)  # 1 GiB
+    with pytest.raises(IntegrityError, match="does not decode"):
+        verify(fd, file, expected_for(NAR, file, "xz"))
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("outcome", ["verified", "refused", "discarded"])
+def test_the_decoder_is_let_go_when_the_nar_is_done(
+    sink_file: tuple[Path, int], compression: str, outcome: str
+) -> None:
+    """Its window is native memory the garbage collector does not count: a
+    finished download in a reference cycle must not keep it."""
+    _, fd = sink_file
+    file = compressed(compression)
+    exp = expected_for(NAR, file, compression)
+    if outcome == "refused":
+        exp = attrs.evolve(exp, nar_hash=sha256(b"other"))
+    sink = NarSink(fd, exp)
+    live = sink.decoder
+    feed(sink, file)
+    if outcome == "discarded":
+        sink.close_thd()
+    elif outcome == "refused":
+        with pytest.raises(IntegrityError, match="NarHash mismatch"):
+            sink.finish_thd()
+    else:
+        assert sink.finish_thd() == len(file)
+    assert sink.decoder is not live
+    assert sys.getrefcount(live) == 2  # ours and getrefcount's argument
+    with pytest.raises(IntegrityError):
+        sink.decoder.feed(b"more")
