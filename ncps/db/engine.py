@@ -11,7 +11,6 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -132,6 +131,12 @@ def migrate(engine: Engine) -> tuple[str | None, str]:
     database, old or new, goes through the same scripts.
     """
     before = current_revision(engine)
+    head = head_revision()
+    if before == head:
+        return before, head
+    # Only now: alembic's command layer costs ~10 MB of memory for good.
+    from alembic import command
+
     cfg = _alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
