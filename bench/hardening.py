@@ -216,10 +216,18 @@ def run_burst(
     return results, retries[0]
 
 
+def is_instance_lock(path: str) -> bool:
+    """The lock file a live ncps holds beside its temp directory (not a leftover)."""
+    name = path.rsplit("/", 1)[-1]
+    return name.startswith("ncps-") and name.endswith(".lock")
+
+
 def files_under(path: Path) -> list[str]:
+    """Temp files below ``path``, without the running instance's lock file."""
     if not path.is_dir():
         return []
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    files = (str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    return sorted(f for f in files if not is_instance_lock(f))
 
 
 def held_temp_fds(pid: int, workdir: Path) -> list[str]:
@@ -232,6 +240,8 @@ def held_temp_fds(pid: int, workdir: Path) -> list[str]:
             continue
         inside = target.removeprefix(str(workdir) + "/")
         if inside.startswith("storage/db/") or inside == "ncps.log":
+            continue
+        if is_instance_lock(target):
             continue
         if "/tmp" in inside or ".part" in target or target.endswith("(deleted)"):
             held.append(target)
