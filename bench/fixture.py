@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from nixenv import NixEnv
+from nixenv import NixEnv, append_cache_info
 
 FIXTURE_VERSION = 1
 CHUNK = 16 * 1024 * 1024
@@ -134,46 +134,15 @@ in {{
     timings["huge_store_add_s"] = time.monotonic() - t
     log(f"fixture: 1 GB path added in {timings['huge_store_add_s']:.1f}s")
 
-    env.check_output(
-        [
-            "nix-store",
-            "--generate-binary-cache-key",
-            "ncps-bench-upstream-1",
-            str(keys / "upstream.sk"),
-            str(keys / "upstream.pk"),
-        ]
-    )
-    pubkey = (keys / "upstream.pk").read_text().strip()
-    sk = keys / "upstream.sk"
+    sk, pubkey = env.generate_signing_key("ncps-bench-upstream-1", keys)
 
     t = time.monotonic()
-    env.check_output(
-        [
-            "nix",
-            "copy",
-            "--store",
-            str(store),
-            "--to",
-            f"file://{cache}?compression=zstd&secret-key={sk}",
-            app,
-        ]
-    )
+    env.copy_to_cache(store, cache, f"compression=zstd&secret-key={sk}", [app])
     timings["copy_closure_zstd_s"] = time.monotonic() - t
     t = time.monotonic()
-    env.check_output(
-        [
-            "nix",
-            "copy",
-            "--store",
-            str(store),
-            "--to",
-            f"file://{cache}?compression=none&secret-key={sk}",
-            huge,
-        ]
-    )
+    env.copy_to_cache(store, cache, f"compression=none&secret-key={sk}", [huge])
     timings["copy_huge_none_s"] = time.monotonic() - t
-    with (cache / "nix-cache-info").open("a") as f:
-        f.write("WantMassQuery: 1\nPriority: 40\n")
+    append_cache_info(cache)
     log(
         f"fixture: cache written (closure {timings['copy_closure_zstd_s']:.1f}s, "
         f"1 GB {timings['copy_huge_none_s']:.1f}s)"

@@ -36,8 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 import hardening_fixture
-import measure
-from measure import MB
+from measure import MB, RssSampler, fd_count, hwm_mb
 from nixenv import NixEnv, remove_tree
 from procs import BENCH, REPO, BenchError, Child, Ncps, http_get
 
@@ -94,51 +93,11 @@ class LimitedNcps(Ncps):
         return kwargs
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 def open_files_limit(pid: int) -> str:
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max open files"):
             return " ".join(line.split()[3:5])  # soft hard
     return "?"
-
-
-class ProcSampler:
-    """Every ``interval`` s in a thread: descriptors and VmRSS of ``pid`` (maxima)."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.max_fds = 0
-        self.max_rss_kib = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.max_fds = max(self.max_fds, fd_count(self.pid))
-                rss = measure.proc_status_kib(self.pid, "VmRSS")
-                self.max_rss_kib = max(self.max_rss_kib, rss)
-                self.samples += 1
-            except (OSError, KeyError):
-                return  # the process is gone
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> ProcSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def hwm_mb(pid: int) -> float:
-    return round(measure.proc_status_kib(pid, "VmHWM") * 1024 / MB, 1)
 
 
 def run_burst(
@@ -295,6 +254,24 @@ class Hardening:
         self.start(daemon)
         return daemon
 
+    def _substitute_via(
+        self, daemon: LimitedNcps, client: Path, root: str, keys: list[str], res: dict
+    ) -> None:
+        """A Nix client substitutes ``root`` through ``daemon``: ``res["ncps_s"]``
+        is the time it took, or None with ``res["error"]`` saying why."""
+        timeout = self.args.nix_timeout
+        try:
+            seconds = self.nix.substitute(
+                client, [root], daemon.url, keys, timeout=timeout
+            )
+            res["ncps_s"] = round(seconds, 2)
+        except subprocess.TimeoutExpired:
+            res["ncps_s"] = None
+            res["error"] = f"nix-store -r killed after {timeout}s"
+        except RuntimeError as e:
+            res["ncps_s"] = None
+            res["error"] = str(e)[-1500:]
+
     # -- 1. the burst -------------------------------------------------------------
 
     def burst(self) -> dict:
@@ -326,7 +303,7 @@ class Hardening:
         }
         up.control("reset")
         t = time.monotonic()
-        with ProcSampler(daemon.pid) as during:
+        with RssSampler(daemon.pid, 0.05, count_fds=True) as during:
             results, retries = run_burst(
                 daemon.url,
                 names,
@@ -367,7 +344,7 @@ class Hardening:
             upstream_nar_in_flight_after_settle=stats["nar_in_flight"],
             peak_fds=during.max_fds,
             fd_samples=during.samples,
-            peak_rss_sampled_MB=round(during.max_rss_kib * 1024 / MB, 1),
+            peak_rss_sampled_MB=round(during.max_kib * 1024 / MB, 1),
             ncps_alive_after=alive,
         )
         if alive:
@@ -405,19 +382,7 @@ class Hardening:
             "closure_paths": len(self.fx["closures"]["chain"]),
             "response_header_timeout": "3s",
         }
-        try:
-            res["ncps_s"] = round(
-                self.nix.substitute(
-                    client, [root], daemon.url, keys, timeout=self.args.nix_timeout
-                ),
-                2,
-            )
-        except subprocess.TimeoutExpired:
-            res["ncps_s"] = None
-            res["error"] = f"nix-store -r killed after {self.args.nix_timeout}s"
-        except RuntimeError as e:
-            res["ncps_s"] = None
-            res["error"] = str(e)[-1500:]
+        self._substitute_via(daemon, client, root, keys, res)
         res["hung_upstream_requests"] = hung.control("stats")["hung_requests"]
         res["good_upstream_narinfo_gets"] = good.control("stats")["narinfo_gets"]
         res["direct_s"] = round(
@@ -446,26 +411,14 @@ class Hardening:
             "direct_s": round(direct, 2),
         }
         keys = [*keys, daemon.pubkey()]
-        with ProcSampler(daemon.pid) as during:
-            try:
-                res["ncps_s"] = round(
-                    self.nix.substitute(
-                        client, [root], daemon.url, keys, timeout=self.args.nix_timeout
-                    ),
-                    2,
-                )
-            except subprocess.TimeoutExpired:
-                res["ncps_s"] = None
-                res["error"] = f"nix-store -r killed after {self.args.nix_timeout}s"
-            except RuntimeError as e:
-                res["ncps_s"] = None
-                res["error"] = str(e)[-1500:]
+        with RssSampler(daemon.pid, 0.05, count_fds=True) as during:
+            self._substitute_via(daemon, client, root, keys, res)
         if res["ncps_s"]:
             res["ratio"] = round(res["ncps_s"] / res["direct_s"], 2)
         stats = up.control("stats")
         res.update(
             peak_hwm_MB=hwm_mb(daemon.pid),
-            peak_rss_sampled_MB=round(during.max_rss_kib * 1024 / MB, 1),
+            peak_rss_sampled_MB=round(during.max_kib * 1024 / MB, 1),
             peak_fds=during.max_fds,
             upstream_max_concurrent_nar_gets=stats["max_nar_in_flight"],
             upstream_nar_gets=stats["nar_gets"],

@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from nixenv import NixEnv, remove_tree
+from nixenv import NixEnv, append_cache_info, remove_tree
 
 FIXTURE_VERSION = 1
 BLOCK = 64 * 1024
@@ -116,29 +116,11 @@ def build(scratch: Path, log) -> dict:
             ["nix", "eval", "--store", str(store), "--json", "--file", str(expr)]
         )
     )
-    env.check_output(
-        [
-            "nix-store",
-            "--generate-binary-cache-key",
-            "ncps-bench-hardening-1",
-            str(keys / "upstream.sk"),
-            str(keys / "upstream.pk"),
-        ]
+    sk, pubkey = env.generate_signing_key("ncps-bench-hardening-1", keys)
+    env.copy_to_cache(
+        store, cache, f"compression=zstd&secret-key={sk}", list(roots.values())
     )
-    sk = keys / "upstream.sk"
-    env.check_output(
-        [
-            "nix",
-            "copy",
-            "--store",
-            str(store),
-            "--to",
-            f"file://{cache}?compression=zstd&secret-key={sk}",
-            *roots.values(),
-        ]
-    )
-    with (cache / "nix-cache-info").open("a") as f:
-        f.write("WantMassQuery: 1\nPriority: 40\n")
+    append_cache_info(cache)
 
     def closure(root: str) -> list[dict]:
         infos = json.loads(
@@ -154,7 +136,7 @@ def build(scratch: Path, log) -> dict:
         "version": FIXTURE_VERSION,
         "dir": str(out),
         "cache_dir": str(cache),
-        "pubkey": (keys / "upstream.pk").read_text().strip(),
+        "pubkey": pubkey,
         "roots": roots,
         "closures": closures,
         "all_paths": sorted({p["path"] for c in closures.values() for p in c}),

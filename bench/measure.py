@@ -6,6 +6,7 @@ therefore compared with a baseline server measured the same way in the same run.
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import subprocess
@@ -118,13 +119,28 @@ def proc_status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-class RssSampler:
-    """Samples VmRSS of ``pid`` every ``interval`` seconds in a thread (max kept)."""
+def hwm_mb(pid: int) -> float:
+    """Peak resident memory of ``pid`` so far (VmHWM), in MB."""
+    return round(proc_status_kib(pid, "VmHWM") * 1024 / MB, 1)
 
-    def __init__(self, pid: int, interval: float = 0.02) -> None:
+
+def fd_count(pid: int) -> int:
+    """How many descriptors ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class RssSampler:
+    """Samples VmRSS of ``pid`` every ``interval`` seconds in a thread (max kept);
+    with ``count_fds``, its open descriptors too (``max_fds``)."""
+
+    def __init__(
+        self, pid: int, interval: float = 0.02, count_fds: bool = False
+    ) -> None:
         self.pid = pid
         self.interval = interval
+        self.count_fds = count_fds
         self.max_kib = 0
+        self.max_fds = 0
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -132,10 +148,12 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                if self.count_fds:
+                    self.max_fds = max(self.max_fds, fd_count(self.pid))
                 self.max_kib = max(self.max_kib, proc_status_kib(self.pid, "VmRSS"))
                 self.samples += 1
             except (OSError, KeyError):
-                return
+                return  # the process is gone
             self._stop.wait(self.interval)
 
     def __enter__(self) -> RssSampler:

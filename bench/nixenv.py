@@ -46,6 +46,24 @@ class NixEnv:
             )
         return proc.stdout
 
+    def generate_signing_key(self, name: str, keys: Path) -> tuple[Path, str]:
+        """A new binary-cache key pair ``name`` as ``keys/upstream.{sk,pk}``:
+        (the secret key file, the public key)."""
+        sk, pk = keys / "upstream.sk", keys / "upstream.pk"
+        self.check_output(
+            ["nix-store", "--generate-binary-cache-key", name, str(sk), str(pk)]
+        )
+        return sk, pk.read_text().strip()
+
+    def copy_to_cache(
+        self, store: Path, cache: Path, params: str, paths: list[str]
+    ) -> None:
+        """``nix copy`` ``paths`` and their closures from ``store`` into the
+        ``file://`` binary cache ``cache``; ``params`` is the store URL's query
+        (``compression=zstd&secret-key=...``)."""
+        url = f"file://{cache}?{params}"
+        self.check_output(["nix", "copy", "--store", str(store), "--to", url, *paths])
+
     def substitute(
         self,
         client_store: Path,
@@ -103,6 +121,12 @@ class NixEnv:
                 " ".join(keys),
             ]
         )
+
+
+def append_cache_info(cache: Path) -> None:
+    """Let clients query the cache in bulk, at Nix's usual upstream priority."""
+    with (cache / "nix-cache-info").open("a") as f:
+        f.write("WantMassQuery: 1\nPriority: 40\n")
 
 
 def remove_tree(path: Path) -> None:

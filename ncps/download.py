@@ -39,11 +39,10 @@ from ncps.narsink import NarSink
 log = Logger(observer=ncps_observer)
 
 # Pause the upstream when this much is waiting for the io pool; the waiting
-# bytes go to the pool as one batch, and the upstream resumes once what waits
-# is below LOW_WATER again.  A download holds at most about two batches (one
+# bytes go to the pool as one batch, and the upstream resumes as soon as the
+# pool takes that batch.  A download holds at most about two batches (one
 # waiting, one being written): some 2 MiB, whatever the NAR size.
 HIGH_WATER = 1 << 20
-LOW_WATER = 256 << 10
 # Abort an upstream body that sends nothing for this long.
 IDLE_TIMEOUT = 120.0
 # Throughput floor: in every THROUGHPUT_WINDOW seconds during which the body
@@ -99,7 +98,6 @@ class NarDownload:
         self._window_bytes = 0
         self._window_left = THROUGHPUT_WINDOW
         self._window_since = 0.0
-        self.received = 0  # bytes of body accepted from the upstream
         self.written = 0
         self.verified = False  # every byte checked: clients may have all of it
         self.committed = False  # durable in the store and recorded
@@ -246,7 +244,6 @@ class NarDownload:
     def _data(self, data: bytes) -> None:
         if self.done:
             return
-        self.received += len(data)
         self._window_bytes += len(data)
         if not self._paused:
             self._reset_idle()

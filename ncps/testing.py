@@ -18,6 +18,9 @@ tested without sockets or threads:
   by hand.
 * :func:`drive` pumps StubTreqs, ManualRunners and a
   :class:`~twisted.internet.task.Clock` until a Deferred has fired.
+* :func:`sqlite_db_and_local_store` gives a migrated SQLite database and a
+  prepared local NAR store in a directory, laid out as ``ncps serve`` does.
+* :func:`captured_log` collects the log events emitted while it is active.
 
 Nothing here runs in production code.
 """
@@ -28,7 +31,9 @@ import bz2
 import hashlib
 import lzma
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
@@ -37,17 +42,22 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from ncps.db.engine import migrate, open_engine
+from ncps.db.queries import Database
+from ncps.logs import set_level
 from ncps.narinfo import NarInfo
 from ncps.nix32 import ALPHABET
 from ncps.nix32 import encode as nix32_encode
 from ncps.nixhash import NixHash
 from ncps.signing import SecretKey, sign_narinfo
-from ncps.storage.local import COMPRESSION_EXTENSIONS
+from ncps.storage.local import COMPRESSION_EXTENSIONS, LocalStore
+from ncps.threads import Runner
 from ncps.upstream import UpstreamPool
 
 T = TypeVar("T")
@@ -414,16 +424,17 @@ def fake_upstream_pool(
     upstreams: Mapping[str, Resource],
     *,
     header_timeout: float = 3.0,
+    urls: Sequence[str] | None = None,
 ) -> tuple[UpstreamPool, StubTreq]:
     """An :class:`UpstreamPool` over fake upstreams keyed by host name.
 
-    The upstream URLs are ``http://<host>/`` in the order of ``upstreams``.
-    Returns the pool and the StubTreq to flush.
+    The upstream URLs are ``urls``, by default ``http://<host>/`` in the
+    order of ``upstreams``.  Returns the pool and the StubTreq to flush.
     """
     stub = StubTreq(HostRouter(upstreams))
     pool = UpstreamPool(
         clock,
-        [f"http://{host}/" for host in upstreams],
+        [f"http://{host}/" for host in upstreams] if urls is None else urls,
         dialer_timeout=3.0,
         header_timeout=header_timeout,
         http=stub,  # type: ignore[arg-type]  # StubTreq mirrors HTTPClient
@@ -461,3 +472,43 @@ def result_of(d: Deferred[T]) -> T:
         outcome.raiseException()
     value: T = outcome
     return value
+
+
+# -- storage and logs ------------------------------------------------------------------
+
+
+def sqlite_db_and_local_store(
+    root: Path, runner: Runner | SyncRunner | ManualRunner
+) -> tuple[Database, LocalStore]:
+    """A migrated SQLite database (``root/db``) and a prepared local NAR store
+    (``root/storage``, temp files in ``root/storage/store/tmp``), both real.
+
+    ``runner`` runs the database's ``*_thd`` calls.  The caller disposes of
+    ``db.engine``.  Blocks: call it while setting a test up.
+    """
+    engine = open_engine(f"sqlite:{root}/db/ncps.sqlite3")
+    migrate(engine)
+    db = Database(engine, runner)  # type: ignore[arg-type]  # the fakes mirror Runner
+    store = LocalStore(root / "storage", root / "storage" / "store" / "tmp")
+    store.prepare_thd()
+    return db, store
+
+
+@contextmanager
+def captured_log(level: str | None = None) -> Iterator[list[LogEvent]]:
+    """The events the global log publisher emits meanwhile, in a list.
+
+    With ``level``, ncps messages are shown from that level on meanwhile
+    (``"info"`` again afterwards, ncps's default).
+    """
+    seen: list[LogEvent] = []
+    observer: ILogObserver = seen.append  # type: ignore[assignment]
+    if level is not None:
+        set_level(level)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield seen
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        if level is not None:
+            set_level("info")

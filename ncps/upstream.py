@@ -32,7 +32,6 @@ the connection.
 
 from __future__ import annotations
 
-import base64
 import netrc
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +53,7 @@ from ncps.logs import ncps_observer
 from ncps.responses import Unreachable as Unreachable
 from ncps.responses import describe, is_cancellation, read_capped
 from ncps.urls import (
+    basic_auth,
     describe_target,
     redact,
     redirect_target,
@@ -405,13 +405,8 @@ class UpstreamPool:
             raise BackingOff(f"upstream {upstream.url} is backing off")
         url = f"{upstream.url}{hash_part}.narinfo"
         response = await self._get(upstream, url, probe=probe)
-        if response.code in ABSENT_STATUSES:
-            self.release(response)
-            raise NotFound(url)
         if response.code != 200:
-            self.release(response)
-            error = Unreachable if response.code >= 500 else UpstreamError
-            raise error(f"GET {url}: HTTP {response.code}")
+            raise self._refusal(response, url)
         try:
             return await read_capped(
                 response, NARINFO_MAX_BYTES, self._clock, self._header_timeout * 4
@@ -428,13 +423,19 @@ class UpstreamPool:
         and :class:`UpstreamError` for anything else but 200.
         """
         response = await self._get(upstream, url)
-        if response.code == 200:
-            return response
+        if response.code != 200:
+            raise self._refusal(response, url)
+        return response
+
+    def _refusal(self, response: IResponse, url: str) -> NotFound | UpstreamError:
+        """Release a GET's response that is not a 200; the error to raise for it:
+        :class:`NotFound` for 403/404/410, :class:`Unreachable` for a 5xx (the
+        pool counted it as a failure), else :class:`UpstreamError`."""
         self.release(response)
         if response.code in ABSENT_STATUSES:
-            raise NotFound(redact(url))
+            return NotFound(redact(url))
         error = Unreachable if response.code >= 500 else UpstreamError
-        raise error(f"GET {redact(url)}: HTTP {response.code}")
+        return error(f"GET {redact(url)}: HTTP {response.code}")
 
     def upstream_for(self, url: str) -> Upstream:
         """The configured upstream a stored absolute NAR URL belongs to.
@@ -488,6 +489,5 @@ def _read_netrc(path: Path | None) -> dict[str, bytes]:
     for host, (login, _account, password) in parsed.hosts.items():
         if host == "default":
             continue
-        token = base64.b64encode(f"{login}:{password or ''}".encode()).decode()
-        result[host] = f"Basic {token}".encode()
+        result[host] = basic_auth(login, password or "")
     return result

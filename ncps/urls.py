@@ -35,13 +35,14 @@ def same_origin(a: str, b: str) -> bool:
         return False
 
 
+def _visible_ascii(text: str) -> bool:
+    """Whether ``text`` is printable ASCII without spaces or control characters."""
+    return all(0x21 <= ord(c) <= 0x7E for c in text)
+
+
 def _host_port(parts: SplitResult) -> str:
     """The netloc without any ``user:password@``."""
     return parts.netloc.rpartition("@")[2]
-
-
-def has_userinfo(url: str) -> bool:
-    return "@" in urlsplit(url).netloc
 
 
 def strip_userinfo(url: str) -> str:
@@ -64,9 +65,13 @@ def split_credentials(url: str) -> tuple[str, bytes | None]:
         return url, None
     userinfo = parts.netloc.rpartition("@")[0]
     user, _, password = userinfo.partition(":")
-    pair = f"{unquote(user)}:{unquote(password)}".encode()
-    header = b"Basic " + base64.b64encode(pair)
+    header = basic_auth(unquote(user), unquote(password))
     return parts._replace(netloc=_host_port(parts)).geturl(), header
+
+
+def basic_auth(user: str, password: str) -> bytes:
+    """The ``Authorization`` value for HTTP Basic auth (``user:password`` as UTF-8)."""
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
 
 
 def redact(url: str) -> str:
@@ -97,7 +102,7 @@ def redirect_target(current: str, location: str) -> str:
     would be a credential we were never given).  Raises ValueError, with a
     message that quotes no credential or query, for anything else.
     """
-    if not location or any(ord(c) < 0x21 or ord(c) > 0x7E for c in location):
+    if not location or not _visible_ascii(location):
         raise ValueError("redirect with an empty or non-ASCII Location")
     target = urljoin(current, location)
     parts = urlsplit(target)
@@ -126,11 +131,7 @@ def resolve_nar_url(base: str, url: str) -> str:
         parts.port  # noqa: B018 - a bad port raises here
     except ValueError:
         raise refused from None
-    if (
-        "\\" in url
-        or "%" in parts.path
-        or any(ord(c) < 0x21 or ord(c) > 0x7E for c in url)
-    ):
+    if "\\" in url or "%" in parts.path or not _visible_ascii(url):
         raise refused
     relative = parts.path
     if parts.scheme or parts.netloc:

@@ -160,7 +160,39 @@ def _write_sources(src: Path, big_bytes: int) -> None:
     (src / "big.bin").write_bytes(hashlib.shake_256(BIG_SEED).digest(big_bytes))
 
 
-def _append_cache_info(cache: Path) -> None:
+def _fresh_build_dir(out: Path, *tools: str) -> _Nix:
+    """Wipe and recreate ``out`` (never ``/`` or below ``/nix``) once ``tools``
+    are found; the hermetic Nix runner for it."""
+    resolved = out.resolve()
+    if (
+        resolved == Path("/")
+        or resolved == Path("/nix")
+        or Path("/nix") in resolved.parents
+    ):
+        raise ValueError(f"refusing to build into {out}")
+    if any(shutil.which(tool) is None for tool in tools):
+        raise RuntimeError(
+            f"{'/'.join(tools)} not found: install Nix (apt-get install nix-bin)"
+        )
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return _Nix(out)
+
+
+def _write_cache(
+    nix: _Nix,
+    store: Path,
+    cache: Path,
+    compression: str,
+    secret_key: Path | None,
+    paths: list[str],
+) -> None:
+    """``nix copy`` the closures of ``paths`` into the binary cache ``cache``
+    (signed with ``secret_key`` unless None), then append the cache info."""
+    url = f"file://{cache}?compression={compression}"
+    if secret_key is not None:
+        url += f"&secret-key={secret_key}"
+    nix.run("nix", "copy", "--store", store, "--to", url, *paths)
     with (cache / "nix-cache-info").open("a") as f:
         f.write("WantMassQuery: 1\nPriority: 40\n")
 
@@ -188,20 +220,7 @@ def _flip_leaf_byte(cache: Path, leaf_hash: str) -> str:
 def build_fixture(out: Path, big_mb: float = 20.0) -> dict:
     """Build everything into ``out`` (wiped first) and return the manifest."""
     t0 = time.monotonic()
-    resolved = out.resolve()
-    if (
-        resolved == Path("/")
-        or resolved == Path("/nix")
-        or Path("/nix") in resolved.parents
-    ):
-        raise ValueError(f"refusing to build into {out}")
-    if shutil.which("nix-store") is None or shutil.which("nix") is None:
-        raise RuntimeError(
-            "nix-store/nix not found: install Nix (Debian: apt-get install nix-bin)"
-        )
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    nix = _Nix(out)
+    nix = _fresh_build_dir(out, "nix-store", "nix")
     store = out / "store"
     src = out / "src"
     _write_sources(src, int(big_mb * 1_000_000))
@@ -243,11 +262,7 @@ def build_fixture(out: Path, big_mb: float = 20.0) -> dict:
     caches = {}
     for name, (compression, secret_key, roots) in cache_specs.items():
         cache = out / f"cache-{name}"
-        url = f"file://{cache}?compression={compression}"
-        if secret_key is not None:
-            url += f"&secret-key={secret_key}"
-        nix.run("nix", "copy", "--store", store, "--to", url, *roots)
-        _append_cache_info(cache)
+        _write_cache(nix, store, cache, compression, secret_key, roots)
         caches[name] = str(cache)
 
     info = json.loads(
@@ -315,13 +330,7 @@ def build_hardening_fixture(out: Path) -> dict:
     the top, whose closure is the whole chain.
     """
     t0 = time.monotonic()
-    if shutil.which("nix-store") is None or shutil.which("nix-build") is None:
-        raise RuntimeError(
-            "nix-store/nix-build not found: install Nix (apt-get install nix-bin)"
-        )
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    nix = _Nix(out)
+    nix = _fresh_build_dir(out, "nix-store", "nix-build")
     store = out / "store"
     secret_key = KEYS_DIR / f"{UPSTREAM_KEY_NAME}.sk"
 
@@ -357,9 +366,7 @@ def build_hardening_fixture(out: Path) -> dict:
     }
     for name, paths in (("burst", burst), ("chain", chain)):
         cache = out / f"cache-{name}"
-        url = f"file://{cache}?compression=none&secret-key={secret_key}"
-        nix.run("nix", "copy", "--store", store, "--to", url, *paths)
-        _append_cache_info(cache)
+        _write_cache(nix, store, cache, "none", secret_key, paths)
         manifest[name] = {
             "cache": str(cache),
             "paths": [{"path": p, "hash": Path(p).name[:32]} for p in paths],

@@ -214,6 +214,13 @@ def assert_substituted_app(nix_fixture, client, res, key: str) -> None:
     assert verified.rc == 0, str(verified)
 
 
+def assert_served_app_nars(nix_fixture, upstream) -> None:
+    """``upstream`` answered 200 for the NAR of every path of the app closure."""
+    served = {r["path"] for r in upstream.records("done") if r["status"] == 200}
+    for name in APP_CLOSURE:
+        assert "/" + nix_fixture.nar_url(name, "none") in served, (name, served)
+
+
 @pytest.mark.parametrize("nar_status", [500, 404])
 def test_nar_failover_to_another_upstream(
     nar_status, nix_fixture, upstream_factory, ncps_factory, nix_client_factory
@@ -233,9 +240,7 @@ def test_nar_failover_to_another_upstream(
     assert {r["status"] for r in nar_answers} == {nar_status}
     assert_substituted_app(nix_fixture, client, res, key)
     # ...and the other upstream supplied every one of them.
-    served = {r["path"] for r in good.records("done") if r["status"] == 200}
-    for name in APP_CLOSURE:
-        assert "/" + nix_fixture.nar_url(name, "none") in served, (name, served)
+    assert_served_app_nars(nix_fixture, good)
 
 
 def test_nar_behind_a_redirect_to_another_port(
@@ -254,9 +259,7 @@ def test_nar_behind_a_redirect_to_another_port(
     assert redirected, "the upstream was never asked for a NAR"
     assert {r["status"] for r in redirected} == {307}
     assert_substituted_app(nix_fixture, client, res, key)
-    served = {r["path"] for r in storage.records("done") if r["status"] == 200}
-    for name in APP_CLOSURE:
-        assert "/" + nix_fixture.nar_url(name, "none") in served, (name, served)
+    assert_served_app_nars(nix_fixture, storage)
 
 
 def test_credentials_in_the_upstream_url(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import free_port
 
 from ncps.testing import TEST_UPSTREAM_KEY
 
@@ -24,24 +25,20 @@ REPO = Path(__file__).resolve().parents[2]
 KEY = TEST_UPSTREAM_KEY.public_key().to_text()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def run_ncps(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
-    env = {
+def ncps_env(home: Path) -> dict[str, str]:
+    return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
         "XDG_CONFIG_HOME": str(home / ".config"),
         "PYTHONPATH": str(REPO),
     }
+
+
+def run_ncps(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "twisted", "ncps", *args],
         cwd=REPO,
-        env=env,
+        env=ncps_env(home),
         capture_output=True,
         text=True,
         timeout=30,
@@ -91,15 +88,6 @@ def test_bad_configuration_exits_with_one_line_and_never_listens(
 # -- the installed ``ncps`` command --------------------------------------------------
 
 NCPS = Path(sys.executable).parent / "ncps"
-
-
-def ncps_env(home: Path) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "PYTHONPATH": str(REPO),
-    }
 
 
 def run_command(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:

@@ -13,18 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from servers import free_port
 
 from ncps.testing import TEST_UPSTREAM_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = TEST_UPSTREAM_KEY.public_key().to_text()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def limit_descriptors(soft: int, hard: int) -> Callable[[], None]:

@@ -29,7 +29,6 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 
 from ncps.cache import Cache
-from ncps.db.engine import migrate, open_engine
 from ncps.db.queries import Database, NarFile
 from ncps.signing import TrustedKeys
 from ncps.storage.local import LocalStore
@@ -39,6 +38,7 @@ from ncps.testing import (
     NarFixture,
     make_nar_fixture,
     random_nar,
+    sqlite_db_and_local_store,
 )
 from ncps.threads import Runner
 from ncps.upstream import UpstreamPool
@@ -219,11 +219,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     io_pool = ThreadPool(0, 8, name="test-io")
     db_pool.start()
     io_pool.start()
-    engine = open_engine(f"sqlite:{tmp_path}/db/ncps.sqlite3")
-    migrate(engine)
-    db = Database(engine, Runner(reactor, db_pool))
-    store = LocalStore(tmp_path / "storage", tmp_path / "storage" / "store" / "tmp")
-    store.prepare_thd()
+    db, store = sqlite_db_and_local_store(tmp_path, Runner(reactor, db_pool))
     upstreams = UpstreamPool(
         reactor, [upstream_url], dialer_timeout=3.0, header_timeout=3.0
     )
@@ -254,7 +250,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         upstreams=upstreams,
         pools=[db_pool, io_pool],
         ports=[proxy_port, upstream_port],
-        engine=engine,
+        engine=db.engine,
         client_pool=client_pool,
         proxy_url=f"http://127.0.0.1:{proxy_port.getHost().port}",
         upstream_url=upstream_url,
@@ -266,7 +262,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     await upstream_port.stopListening()
     for pool in (io_pool, db_pool):
         pool.stop()
-    engine.dispose()
+    db.engine.dispose()
 
 
 @pytest_twisted.ensureDeferred

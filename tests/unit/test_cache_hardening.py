@@ -19,12 +19,11 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
 from ncps.cache import Cache, NarBody
-from ncps.db.engine import migrate, open_engine
 from ncps.db.queries import Database, NarInfoRecord, get_nar_file_thd
 from ncps.errors import (
     IntegrityError,
@@ -34,7 +33,6 @@ from ncps.errors import (
     UpstreamError,
     UpstreamsUnavailable,
 )
-from ncps.logs import set_level
 from ncps.nars import CLIENT_WAIT
 from ncps.signing import TrustedKeys
 from ncps.storage.local import LocalStore
@@ -45,10 +43,12 @@ from ncps.testing import (
     FakeUpstream,
     NarFixture,
     SyncRunner,
+    captured_log,
     fake_upstream_pool,
     make_nar_fixture,
     random_nar,
     result_of,
+    sqlite_db_and_local_store,
     store_path,
 )
 from ncps.upstream import UpstreamPool
@@ -119,12 +119,7 @@ def build(tmp_path: Path) -> Iterator[Build]:
     ) -> Rig:
         clock = Clock()
         runner = SyncRunner()
-        root = tmp_path / f"rig{len(rigs)}"
-        engine = open_engine(f"sqlite:{root}/db/ncps.sqlite3")
-        migrate(engine)
-        db = Database(engine, runner)  # type: ignore[arg-type]
-        store = LocalStore(root / "storage", root / "storage" / "store" / "tmp")
-        store.prepare_thd()
+        db, store = sqlite_db_and_local_store(tmp_path / f"rig{len(rigs)}", runner)
         up1, up2 = FakeUpstream(priority=10), FakeUpstream(priority=20)
         pool, stub = fake_upstream_pool(
             clock, {"up1.test": up1, "up2.test": up2}, header_timeout=header_timeout
@@ -162,12 +157,8 @@ def logged(events: list[dict[str, Any]]) -> list[str]:
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    set_level("debug")
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
-    set_level("info")
+    with captured_log("debug") as seen:
+        yield seen
 
 
 def failure_of(d: Deferred[Any]) -> BaseException:

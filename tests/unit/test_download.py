@@ -313,10 +313,6 @@ def test_failure_while_the_pool_is_busy_cleans_up_after_the_batch(
     assert rig.commits == []
 
 
-def test_high_water_constants_are_sane() -> None:
-    assert download_mod.LOW_WATER < download_mod.HIGH_WATER
-
-
 def test_memory_per_download_is_small() -> None:
     assert HIGH_WATER <= 1 << 20
 

@@ -17,15 +17,16 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
-from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from ncps import tempdir
 from ncps.errors import StartupError
 from ncps.storage.local import LocalStore
 from ncps.tempdir import TempSpace, claim_thd, remove_leftovers_thd
+from ncps.testing import captured_log
 
 NAR_KEY = "1" * 52
 HEX_KEY = "a" * 64
@@ -34,11 +35,8 @@ DEAD = "ncps-00112233445566ff"
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    observer = cast(ILogObserver, seen.append)
-    globalLogPublisher.addObserver(observer)
-    yield seen
-    globalLogPublisher.removeObserver(observer)
+    with captured_log() as seen:
+        yield seen
 
 
 def messages(events: list[dict[str, Any]]) -> list[str]:

@@ -9,22 +9,21 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from ncps.backoff import Backoff
 from ncps.errors import UpstreamError
-from ncps.logs import set_level
-from ncps.testing import FakeUpstream, HostRouter, drive, result_of
+from ncps.testing import (
+    FakeUpstream,
+    captured_log,
+    drive,
+    fake_upstream_pool,
+    result_of,
+)
 from ncps.upstream import BackingOff, UpstreamPool
 
 HASH = "0" * 32
 PASSWORD = "hunter2-s3cret"
-
-
-def make_pool(clock: Clock, hosts: dict[str, FakeUpstream], urls: list[str]) -> Any:
-    stub = StubTreq(HostRouter(hosts))
-    pool = UpstreamPool(clock, urls, dialer_timeout=1, header_timeout=3, http=stub)  # type: ignore[arg-type]
-    return pool, stub
 
 
 def fetch(pool: UpstreamPool, stub: StubTreq, clock: Clock) -> Deferred[bytes]:
@@ -34,12 +33,8 @@ def fetch(pool: UpstreamPool, stub: StubTreq, clock: Clock) -> Deferred[bytes]:
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    set_level("debug")
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
-    set_level("info")
+    with captured_log("debug") as seen:
+        yield seen
 
 
 def test_redirect_to_other_host_drops_url_credentials(
@@ -54,8 +49,10 @@ def test_redirect_to_other_host_drops_url_credentials(
     )
     s3.set("k", b"narinfo text")
     clock = Clock()
-    pool, stub = make_pool(
-        clock, {"up.test": up, "s3.test:9000": s3}, [f"http://alice:{PASSWORD}@up.test"]
+    pool, stub = fake_upstream_pool(
+        clock,
+        {"up.test": up, "s3.test:9000": s3},
+        urls=[f"http://alice:{PASSWORD}@up.test"],
     )
     assert pool.upstreams[0].url == "http://up.test/"
     assert PASSWORD not in repr(pool.upstreams[0])
@@ -70,7 +67,9 @@ def test_redirect_limit_and_scheme(events: list[dict[str, Any]]) -> None:
     up.set(f"{HASH}.narinfo", status=301, headers={b"Location": b"/a"})
     up.set("a", status=308, headers={b"Location": b"/" + HASH.encode() + b".narinfo"})
     clock = Clock()
-    pool, stub = make_pool(clock, {"up.test": up}, [f"http://u:{PASSWORD}@up.test/"])
+    pool, stub = fake_upstream_pool(
+        clock, {"up.test": up}, urls=[f"http://u:{PASSWORD}@up.test/"]
+    )
     with pytest.raises(UpstreamError, match="too many redirects") as info:
         result_of(fetch(pool, stub, clock))
     assert len(up.requests) == 6
@@ -84,7 +83,9 @@ def test_backoff_skips_probes_once_and_recovers(events: list[dict[str, Any]]) ->
     up = FakeUpstream()
     up.set(f"{HASH}.narinfo", stall=True)
     clock = Clock()
-    pool, stub = make_pool(clock, {"up.test": up}, [f"http://u:{PASSWORD}@up.test/"])
+    pool, stub = fake_upstream_pool(
+        clock, {"up.test": up}, urls=[f"http://u:{PASSWORD}@up.test/"]
+    )
     u = pool.upstreams[0]
     d = Deferred.fromCoroutine(pool.fetch_narinfo(u, HASH))
     stub.flush()
@@ -130,7 +131,7 @@ def test_health_check_clears_backoff_and_5xx_enters_it() -> None:
     up = FakeUpstream()
     up.set(f"{HASH}.narinfo", b"", status=503)
     clock = Clock()
-    pool, stub = make_pool(clock, {"up.test": up}, ["http://up.test/"])
+    pool, stub = fake_upstream_pool(clock, {"up.test": up})
     with pytest.raises(UpstreamError, match="503"):
         result_of(fetch(pool, stub, clock))
     assert pool.backing_off(pool.upstreams[0])

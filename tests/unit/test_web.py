@@ -24,7 +24,6 @@ from twisted.web.server import Site
 
 from ncps import narinfo as narinfo_mod
 from ncps.cache import Cache
-from ncps.db.engine import migrate, open_engine
 from ncps.db.queries import Database, get_nar_file_thd, get_narinfo_thd
 from ncps.signing import SecretKey, TrustedKeys
 from ncps.storage.local import LocalStore
@@ -41,6 +40,7 @@ from ncps.testing import (
     make_nar_fixture,
     random_nar,
     result_of,
+    sqlite_db_and_local_store,
 )
 from ncps.web import CACHE_INFO, CacheServer
 
@@ -122,11 +122,7 @@ def build_app(
     clock = Clock()
     runner = SyncRunner()
     io = io or runner
-    engine = open_engine(f"sqlite:{tmp_path}/db/ncps.sqlite3")
-    migrate(engine)
-    db = Database(engine, runner)  # type: ignore[arg-type]
-    store = LocalStore(tmp_path / "storage", tmp_path / "storage" / "store" / "tmp")
-    store.prepare_thd()
+    db, store = sqlite_db_and_local_store(tmp_path, runner)
     up1, up2 = FakeUpstream(priority=10), FakeUpstream(priority=20)
     pool, upstream_http = fake_upstream_pool(clock, {"up1.test": up1, "up2.test": up2})
     cache = Cache(
