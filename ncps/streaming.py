@@ -38,13 +38,14 @@ BURST = 4 << 20
 
 @implementer(IPushProducer)
 class FileStreamer:
-    """Streams ``fd`` (from offset 0) to ``request``.
+    """Streams ``fd`` (from offset ``start``, 0 unless a range) to ``request``.
 
     With ``download`` set, only :attr:`NarDownload.readable` bytes are sent
     and the stream ends when the download is verified; if it fails, the client
     connection is aborted so the client sees an error, never a short NAR.
-    Without it, ``size`` bytes are sent.  :meth:`start` returns a Deferred
-    that fires when the response is over (never with an error).
+    Without it, the bytes up to offset ``size`` are sent.  :meth:`start`
+    returns a Deferred that fires when the response is over (never with an
+    error).
     """
 
     def __init__(
@@ -54,13 +55,14 @@ class FileStreamer:
         fd: int,
         size: int | None = None,
         download: NarDownload | None = None,
+        start: int = 0,
     ) -> None:
         self._clock = clock
         self._request = request
         self._fd = fd
         self._size = size
         self._download = download
-        self._offset = 0
+        self._offset = start
         self._paused = False
         self._stopped = False
         self._scheduled = False

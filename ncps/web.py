@@ -9,6 +9,7 @@ statuses here and only here.
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -32,6 +33,7 @@ from ncps.errors import (
     UpstreamsUnavailable,
 )
 from ncps.logs import ncps_observer
+from ncps.ranges import Unsatisfiable, requested_range
 from ncps.signing import PublicKey
 from ncps.storage.base import EXTENSION_COMPRESSIONS
 from ncps.streaming import FileStreamer, ObjectStreamer
@@ -186,6 +188,8 @@ class NarResource(Resource):
     def render_GET(self, request: server.Request) -> Any:
         request.setHeader(b"Content-Type", NAR_TYPE)
         body = self._body
+        if body.fd is not None and body.download is None and body.size is not None:
+            return self._send_stored_file(request, body.fd, body.size)
         if body.size is not None:
             request.setHeader(b"Content-Length", b"%d" % body.size)
         if body.stored is not None:
@@ -195,6 +199,33 @@ class NarResource(Resource):
             assert body.fd is not None
             FileStreamer(
                 self._clock, request, body.fd, body.size, body.download
+            ).start()
+        return server.NOT_DONE_YET
+
+    def _send_stored_file(self, request: server.Request, fd: int, size: int) -> Any:
+        """A whole, verified local NAR: all of it, or the one range asked for."""
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        try:
+            wanted = requested_range(
+                request.getHeader(b"range"),
+                size,
+                if_range=request.getHeader(b"if-range"),
+            )
+        except Unsatisfiable as e:
+            os.close(fd)
+            request.setResponseCode(416)
+            request.setHeader(b"Content-Range", e.content_range())
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"Range Not Satisfiable\n"
+        if wanted is None:
+            request.setHeader(b"Content-Length", b"%d" % size)
+            FileStreamer(self._clock, request, fd, size).start()
+        else:
+            request.setResponseCode(206)
+            request.setHeader(b"Content-Range", wanted.content_range())
+            request.setHeader(b"Content-Length", b"%d" % wanted.length)
+            FileStreamer(
+                self._clock, request, fd, wanted.last + 1, start=wanted.first
             ).start()
         return server.NOT_DONE_YET
 

@@ -75,14 +75,17 @@ class App:
         self.settle()
         return response, body
 
-    def raw(self, path: str, method: str = "GET") -> bytes:
-        """The raw HTTP/1.1 response, headers included (treq hides Content-Length)."""
+    def raw(self, path: str, method: str = "GET", headers: str = "") -> bytes:
+        """The raw HTTP/1.1 response, headers included (treq hides Content-Length).
+
+        ``headers``: more request header lines, each ending in CRLF.
+        """
         site = Site(self.resource, reactor=self.clock)
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         transport = StringTransport()
         protocol.makeConnection(transport)
         protocol.dataReceived(
-            f"{method} {path} HTTP/1.1\r\nHost: cache.test\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: cache.test\r\n{headers}"
             "Connection: close\r\n\r\n".encode()
         )
         for _ in range(50):
@@ -531,3 +534,109 @@ def test_fixed_routes_never_touch_the_upstreams(app: App) -> None:
     for path in ("/", "/nix-cache-info", "/pubkey", "/healthz"):
         app.request(path)
     assert app.up1.requests == [] and app.up2.requests == []
+
+
+# -- byte ranges (resume) ------------------------------------------------------------
+
+
+def split_raw(raw: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    fields = {}
+    for line in lines:
+        name, _, value = line.partition(b": ")
+        fields[name.lower()] = value
+    return status, fields, body
+
+
+@pytest.fixture
+def stored(app: App) -> NarFixture:
+    fx = make_nar_fixture(compression="none", nar=random_nar(50_000, seed=31))
+    app.up1.add(fx)
+    app.request(f"/{fx.hash_part}.narinfo")
+    app.settle()
+    assert app.nar_row(fx) is not None
+    return fx
+
+
+def test_a_stored_nar_announces_byte_ranges(app: App, stored: NarFixture) -> None:
+    status, fields, body = split_raw(app.raw(stored.cache_nar_path()))
+    assert status.startswith(b"HTTP/1.1 200 ")
+    assert fields[b"accept-ranges"] == b"bytes"
+    assert body == stored.file
+
+
+@pytest.mark.parametrize(
+    ("spec", "first", "last"),
+    [
+        ("bytes=10000-", 10000, None),
+        ("bytes=5-9", 5, 9),
+        ("bytes=-7", -7, None),
+        ("bytes=0-99999999999999", 0, None),
+        ("bytes = 100 - 199", 100, 199),
+    ],
+)
+def test_one_range_of_a_stored_nar_is_206(
+    app: App, stored: NarFixture, spec: str, first: int, last: int | None
+) -> None:
+    size = len(stored.file)
+    status, fields, body = split_raw(
+        app.raw(stored.cache_nar_path(), headers=f"Range: {spec}\r\n")
+    )
+    want = stored.file[first : None if last is None else last + 1]
+    start = first % size
+    assert status.startswith(b"HTTP/1.1 206 ")
+    assert body == want
+    assert fields[b"content-length"] == b"%d" % len(want)
+    assert fields[b"content-range"] == b"bytes %d-%d/%d" % (
+        start,
+        start + len(want) - 1,
+        size,
+    )
+
+
+def test_a_range_past_the_end_is_416(app: App, stored: NarFixture) -> None:
+    size = len(stored.file)
+    status, fields, _ = split_raw(
+        app.raw(stored.cache_nar_path(), headers=f"Range: bytes={size}-\r\n")
+    )
+    assert status.startswith(b"HTTP/1.1 416 ")
+    assert fields[b"content-range"] == b"bytes */%d" % size
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Range: bytes=0-1,5-9",  # several ranges
+        "Range: bytes=9-5",  # inverted
+        "Range: bytes=99999999999999999999999-",  # absurd numbers
+        "Range: items=0-5",  # another unit
+        "Range: bytes=--5",
+        "Range: bytes=-",
+        'Range: bytes=5-9\r\nIf-Range: "abc"',  # no validators sent, so none match
+    ],
+)
+def test_other_range_headers_get_the_whole_nar(
+    app: App, stored: NarFixture, header: str
+) -> None:
+    status, fields, body = split_raw(
+        app.raw(stored.cache_nar_path(), headers=f"{header}\r\n")
+    )
+    assert status.startswith(b"HTTP/1.1 200 ")
+    assert body == stored.file
+    assert fields[b"content-length"] == b"%d" % len(stored.file)
+
+
+def test_a_nar_still_downloading_offers_no_ranges(tmp_path: Path) -> None:
+    app = build_app(tmp_path, io=ManualRunner())
+    fx = make_nar_fixture(compression="none", nar=random_nar(100_000, seed=6))
+    app.up1.add(fx)
+    record = app.cache.ingest("http://up1.test/", fx.hash_part, fx.narinfo_text)
+    result_of(app.db.put_narinfo(record))
+    raw = app.raw(fx.cache_nar_path(), headers="Range: bytes=10-\r\n")
+    status, fields, body = split_raw(raw)
+    assert status.startswith(b"HTTP/1.1 200 ")
+    assert b"accept-ranges" not in fields
+    assert body == fx.file
+    app.settle()
+    app.db.engine.dispose()
