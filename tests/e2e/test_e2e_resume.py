@@ -13,8 +13,8 @@ import socket
 import threading
 
 import pytest
-from e2e_harness import wait_for_committed_nar
 from e2e_harness import _reset as reset_socket
+from e2e_harness import wait_for_committed_nar
 
 pytestmark = [
     pytest.mark.e2e,
@@ -107,7 +107,7 @@ def test_nix_resumes_a_broken_nar_download_with_a_range(
     big = nix_fixture.path("big")
     narinfo = ncps.narinfo(nix_fixture.hash("big"))
     nar_path = "/" + str(narinfo["URL"])
-    size = int(str(narinfo["FileSize"] if "FileSize" in narinfo else narinfo["NarSize"]))
+    size = int(str(narinfo.get("FileSize", narinfo["NarSize"])))
     assert size > 2 * CUT_AFTER
     # Stored whole first: only a stored NAR offers ranges.
     wait_for_committed_nar(ncps, nix_fixture.nar_sha256("big"))
