@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 
+import closure
 from procs import REPO
 
 TARGETS = {
@@ -186,10 +187,15 @@ def table(report: dict) -> str:
                     "req/s",
                     f"{db}_{kind}_vs_sqlite",
                 )
+    if shown("closure"):
+        error = report["errors"].get("closure")
+        rows.extend(closure.table_rows(report.get("closure"), error))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
         for r in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if shown("closure") and report.get("closure"):
+        lines += ["", closure.summary(report["closure"])]
     return "\n".join(lines)

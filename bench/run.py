@@ -1,4 +1,4 @@
-"""ncps benchmark: one command, four figures, each against a baseline from the same run.
+"""ncps benchmark: one command, six sections, each against a baseline from the same run.
 
 1. warm NAR throughput: ncps vs nginx (sendfile) serving the same committed NAR file;
 2. warm narinfo requests/s: ncps vs a bare Klein app returning the same bytes (wrk);
@@ -7,7 +7,10 @@
 4. peak RSS (VmHWM) of ncps while streaming a 1 GB NAR cold from the upstream;
 5. Backends (``--only backends``): warm NAR throughput of ncps on S3 (moto) vs ncps on
    local storage, with moto's own GET throughput as the ceiling; narinfo requests/s of
-   ncps on PostgreSQL and MariaDB vs SQLite, hot (memory) and database-bound.
+   ncps on PostgreSQL and MariaDB vs SQLite, hot (memory) and database-bound;
+6. Closure (``--only closure``): a real Nix client substituting a 301-path closure from
+   xz and zstd upstreams through ncps and through nginx proxy_cache, cold and warm, and
+   4 clients at once; ncps's peak RSS (about 8 minutes; ``--skip closure``).
 
 Prints a table and writes bench/results/latest.json.  See bench/README.md.
 """
@@ -26,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import backends
+import closure
 import fixture
 import measure
 from measure import MB, median
@@ -48,6 +52,7 @@ SECTIONS = [
     "narinfo_rps",
     "s3_nar_throughput",
     "db_narinfo_rps",
+    "closure",
 ]
 GROUPS = {"backends": ["s3_nar_throughput", "db_narinfo_rps"]}
 NEEDS_NCPS = {"peak_rss", "s3_nar_throughput", "db_narinfo_rps"}
@@ -298,7 +303,11 @@ class Bench:
         report: dict = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine_info(self.nix.env),
-            "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
+            "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()}
+            | {
+                f"closure.{k}": f"{op} {v}"
+                for k, (op, v) in closure.CLOSURE_TARGETS.items()
+            },
             "errors": {},
             "sections": self.args.sections,
         }
@@ -351,6 +360,7 @@ class Bench:
                 ("narinfo_rps", self.narinfo_rps),
                 ("s3_nar_throughput", lambda: backends.s3_nar_throughput(self)),
                 ("db_narinfo_rps", lambda: backends.db_narinfo_rps(self)),
+                ("closure", lambda: closure.run(self)),
             ]
             for name, fn in sections:
                 if name not in self.args.sections:
@@ -416,6 +426,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=5,
         help="rounds for NAR throughput and cold substitution (default 5)",
+    )
+    p.add_argument(
+        "--closure-rounds",
+        type=int,
+        help="rounds for the closure section (default: --rounds, at most 3)",
     )
     p.add_argument("--wrk-rounds", type=int, default=3)
     p.add_argument("--wrk-seconds", type=int, default=5)
@@ -501,7 +516,9 @@ def main(argv: list[str]) -> int:
         return 2
     if report["errors"]:
         return 1
-    if args.strict and any(report.get(k, {}).get("pass") is False for k in TARGETS):
+    if args.strict and any(
+        report.get(k, {}).get("pass") is False for k in [*TARGETS, "closure"]
+    ):
         return 1
     return 0
 
