@@ -25,10 +25,8 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from ncps import narinfo as narinfo_mod
 from ncps.coalesce import Coalescer
@@ -51,6 +49,8 @@ log = Logger(observer=ncps_observer)
 
 # How many signed narinfo texts to keep in memory (about 1 KiB each).
 RENDERED_NARINFOS = 20_000
+# How many committed NARs' recorded sizes to keep in memory (about 200 bytes each).
+KNOWN_NAR_FILES = 50_000
 
 
 class Rejected(Exception):
@@ -128,9 +128,14 @@ class Cache:
             store_io=self._store_io,
             other_sources=self.other_sources,
             max_downloads=max_downloads,
+            on_commit=self._remember_nar_file,
         )
         # hash -> (signed narinfo text, clock time the next access is recorded)
         self._rendered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # (NAR key, compression) -> the file size its nar_files row records.
+        # A row is written once and never changed (first writer wins), so a
+        # warm NAR request needs no database round trip.
+        self._nar_sizes: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     # -- narinfo -------------------------------------------------------------------
 
@@ -172,6 +177,7 @@ class Cache:
         elif kind == "resync":
             self._rendered.clear()
             self._missing.clear()
+            self._nar_sizes.clear()
 
     def render(self, record: NarInfoRecord) -> bytes:
         """The narinfo text we serve, signed with our key if signing is on."""
@@ -316,10 +322,10 @@ class Cache:
         download = self.nars.in_flight((nar_key, compression))
         if download is not None:
             return NarBody(download.open_reader(), download.expected_length, download)
-        nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
-        if nar_file is not None:
+        recorded = await self._recorded_size(nar_key, compression)
+        if recorded is not None:
             body = await self._open_committed(nar_key, compression)
-            if body is not None and body.size == nar_file.file_size:
+            if body is not None and body.size == recorded:
                 return body
             if body is not None:
                 # Changed behind our back (truncated on disk, overwritten in
@@ -330,7 +336,7 @@ class Cache:
                     key=nar_key,
                     compression=compression,
                     size=body.size,
-                    recorded=nar_file.file_size,
+                    recorded=recorded,
                 )
                 self._release(body)
         record: NarInfoRecord | None = await self._db.find_nar_source(
@@ -355,10 +361,30 @@ class Cache:
         download = self.nars.in_flight((nar_key, compression))
         if download is not None:
             return download.expected_length
+        recorded = await self._recorded_size(nar_key, compression)
+        if recorded is None:
+            raise NotFound(f"{nar_key}.nar ({compression})")
+        return recorded
+
+    async def _recorded_size(self, nar_key: str, compression: str) -> int | None:
+        """The file size the NAR's nar_files row records; None without a row."""
+        key = (nar_key, compression)
+        size = self._nar_sizes.get(key)
+        if size is not None:
+            self._nar_sizes.move_to_end(key)
+            return size
         nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
         if nar_file is None:
-            raise NotFound(f"{nar_key}.nar ({compression})")
+            return None
+        self._remember_nar_file(nar_file)
         return nar_file.file_size
+
+    def _remember_nar_file(self, nar_file: NarFile) -> None:
+        """Keep a committed NAR's recorded size (its row exists now)."""
+        self._nar_sizes[(nar_file.nar_key, nar_file.compression)] = nar_file.file_size
+        self._nar_sizes.move_to_end((nar_file.nar_key, nar_file.compression))
+        if len(self._nar_sizes) > KNOWN_NAR_FILES:
+            self._nar_sizes.popitem(last=False)
 
     async def _open_committed(self, nar_key: str, compression: str) -> NarBody | None:
         store = self._store
@@ -392,22 +418,19 @@ class Cache:
             os.close(body.fd)
 
     def _prefetch(self, record: NarInfoRecord) -> None:
-        """Start fetching a new narinfo's NAR; never awaited, never fails."""
+        """Start fetching a new narinfo's NAR; never fails.
 
-        async def prefetch() -> None:
-            ni = record.narinfo
-            if await self._db.get_nar_file(record.nar_key, ni.compression) is not None:
-                return
+        A NAR known to be stored is left alone; any other goes to the
+        fetcher, which asks the database once a slot is granted (the NAR of
+        a new narinfo is almost never stored: one round trip per path, not
+        two).
+        """
+        if (record.nar_key, record.narinfo.compression) in self._nar_sizes:
+            return
+        try:
             self.nars.prefetch(record)
-
-        def failed(f: Failure) -> None:
-            log.warn(
-                "prefetch of {url} failed: {why}",
-                url=record.narinfo.url,
-                why=f.getErrorMessage(),
-            )
-
-        Deferred.fromCoroutine(prefetch()).addErrback(failed)
+        except Exception:
+            log.failure("prefetch of {url}", url=record.narinfo.url)
 
     async def other_sources(self, record: NarInfoRecord) -> AsyncIterator[str]:
         """NAR URLs on the other upstreams for ``record``'s NAR, for failover.

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,6 +58,15 @@ class BadRequest(Exception):
     """A request that is malformed; answered with 400 and its message."""
 
 
+# Answered 503 with a Retry-After.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    StorageError,
+    DatabaseUnavailable,
+    Overloaded,
+    UpstreamsUnavailable,
+)
+
+
 class CacheServer:
     """Routes of the binary-cache protocol over a :class:`Cache`."""
 
@@ -74,7 +85,76 @@ class CacheServer:
         self._public_key = public_key
 
     def resource(self) -> IResource:
-        return GuardResource(self.app.resource())
+        return GuardResource(self.app.resource(), self.render_hot)
+
+    # -- the two routes every substitution hits, without Klein's routing --------
+    #
+    # Klein's per-request machinery (URL map binding and matching, nested
+    # maybeDeferreds) cost more reactor time than the handlers themselves on
+    # a warm closure (bench/README.md, "Profile (issue 8)").  These requests
+    # go straight to the same handlers, with the same error mapping and the
+    # same cancellation when the client goes away.
+
+    def render_hot(self, request: server.Request) -> Any:
+        """Serve ``GET|HEAD /<name>.narinfo`` and ``/nar/<name>``; None for
+        anything else (Klein routes it)."""
+        if request.method != b"GET" and request.method != b"HEAD":
+            return None
+        path = request.path
+        if path.startswith(b"/nar/"):
+            name = path[5:]
+            if not name or b"/" in name:
+                return None
+            handler = self.nar
+        elif path.endswith(b".narinfo") and path.count(b"/") == 1:
+            name = path[1:]
+            handler = self.narinfo
+        else:
+            return None
+        # The guard admitted only plain ASCII path characters.
+        d: Deferred[Any] = Deferred.fromCoroutine(handler(request, name.decode()))
+        finished = False
+
+        def gone(_: object) -> None:
+            nonlocal finished
+            finished = True
+            d.cancel()
+
+        request.notifyFinish().addBoth(gone)
+
+        def respond(result: Any) -> None:
+            if IResource.providedBy(result):
+                request.render(result)
+                return
+            request.write(result)
+            if not finished:
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            if finished:
+                if not failure.check(CancelledError):
+                    log.failure("handling {uri}", failure, uri=request.uri)
+                return
+            for errors, error_handler in self._error_handlers():
+                if failure.check(*errors):
+                    respond(error_handler(request, failure))
+                    return
+            request.processingFailed(failure)
+
+        d.addCallbacks(respond, failed)
+        d.addErrback(lambda f: log.failure("writing {uri}", f, uri=request.uri))
+        return server.NOT_DONE_YET
+
+    def _error_handlers(
+        self,
+    ) -> list[tuple[tuple[type[Exception], ...], Callable[[IRequest, Failure], bytes]]]:
+        """The Klein error handlers below, in their order."""
+        return [
+            ((NotFound,), self.not_found),
+            ((BadRequest,), self.bad_request),
+            ((UpstreamError, IntegrityError), self.upstream_error),
+            (UNAVAILABLE, self.unavailable),
+        ]
 
     @app.route("/", methods=["GET"])
     def index(self, request: IRequest) -> bytes:
@@ -158,9 +238,7 @@ class CacheServer:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"Bad Gateway\n"
 
-    @app.handle_errors(
-        StorageError, DatabaseUnavailable, Overloaded, UpstreamsUnavailable
-    )
+    @app.handle_errors(*UNAVAILABLE)
     def unavailable(self, request: IRequest, failure: Failure) -> bytes:
         log.warn(
             "{method} {uri}: {why}",
@@ -236,9 +314,16 @@ class GuardResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: IResource) -> None:
+    def __init__(
+        self,
+        inner: IResource,
+        hot: Callable[[server.Request], Any] | None = None,
+    ) -> None:
+        """``hot`` may answer a request itself (anything but None) before
+        ``inner`` renders it."""
         super().__init__()
         self._inner = inner
+        self._hot = hot
 
     def render(self, request: server.Request) -> Any:
         uri = request.uri
@@ -249,6 +334,10 @@ class GuardResource(Resource):
             request.setResponseCode(400)
             request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
             return b"malformed request path\n"
+        if self._hot is not None:
+            result = self._hot(request)
+            if result is not None:
+                return result
         return self._inner.render(request)
 
 

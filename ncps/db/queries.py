@@ -199,8 +199,11 @@ def get_nar_file_thd(
     )
 
 
-def put_nar_file_thd(conn: Connection, nar: NarFile) -> None:
-    """Record a committed NAR object (idempotent)."""
+def put_nar_file_thd(conn: Connection, nar: NarFile) -> NarFile:
+    """Record a committed NAR object (idempotent: the first row written stays).
+
+    Returns the row as recorded, which is an earlier writer's if there was one.
+    """
     now = _now()
     try:
         with conn.begin_nested():
@@ -216,7 +219,10 @@ def put_nar_file_thd(conn: Connection, nar: NarFile) -> None:
                 )
             )
     except IntegrityError:
-        pass
+        recorded = get_nar_file_thd(conn, nar.nar_key, nar.compression)
+        if recorded is not None:
+            return recorded
+    return nar
 
 
 def get_config_thd(conn: Connection, key: str) -> str | None:
@@ -341,7 +347,8 @@ class Database:
     def put_nar_file(self, nar: NarFile):  # type: ignore[no-untyped-def]
         return self._run(self._put_nar_file_thd, nar)
 
-    def _put_nar_file_thd(self, conn: Connection, nar: NarFile) -> None:
-        put_nar_file_thd(conn, nar)
+    def _put_nar_file_thd(self, conn: Connection, nar: NarFile) -> NarFile:
+        recorded = put_nar_file_thd(conn, nar)
         if self._origin:
             notify_thd(conn, self._origin, "nar", f"{nar.nar_key}:{nar.compression}")
+        return recorded

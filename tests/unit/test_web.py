@@ -16,8 +16,10 @@ import pytest
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 from twisted.web.resource import IResource
 from twisted.web.server import Site
@@ -336,6 +338,80 @@ def test_nar_is_served_whole_and_then_from_the_store(app: App) -> None:
     response, again = app.request(fx.cache_nar_path())
     assert (response.code, again) == (200, fx.file)
     assert app.up1.requests == before
+
+
+def test_a_committed_nar_is_served_without_a_database_round_trip(app: App) -> None:
+    fx = make_nar_fixture(seed=12)
+    app.up1.add(fx)
+    app.request(f"/{fx.hash_part}.narinfo")  # the prefetch commits it
+    assert app.nar_row(fx) is not None
+    lookups: list[tuple[str, str]] = []
+    get_nar_file = app.db.get_nar_file
+
+    def counted(nar_key: str, compression: str) -> Any:
+        lookups.append((nar_key, compression))
+        return get_nar_file(nar_key, compression)
+
+    app.db.get_nar_file = counted  # type: ignore[method-assign]
+    for _ in range(2):
+        response, body = app.request(fx.cache_nar_path())
+        assert (response.code, body) == (200, fx.file)
+    response, _ = app.request(fx.cache_nar_path(), method="HEAD")
+    assert response.code == 200
+    assert lookups == []
+
+
+def test_a_nar_stored_before_a_restart_is_looked_up_once(tmp_path: Path) -> None:
+    fx = make_nar_fixture(seed=13)
+    first = build_app(tmp_path)
+    first.up1.add(fx)
+    first.request(f"/{fx.hash_part}.narinfo")
+    first.db.engine.dispose()
+    app = build_app(tmp_path)
+    try:
+        lookups: list[str] = []
+        get_nar_file = app.db.get_nar_file
+
+        def counted(nar_key: str, compression: str) -> Any:
+            lookups.append(nar_key)
+            return get_nar_file(nar_key, compression)
+
+        app.db.get_nar_file = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            response, body = app.request(fx.cache_nar_path())
+            assert (response.code, body) == (200, fx.file)
+        assert lookups == [fx.nar_key]
+    finally:
+        app.db.engine.dispose()
+
+
+def test_an_unexpected_error_in_a_handler_is_a_500(app: App) -> None:
+    async def broken(hash_part: str) -> bytes:
+        raise RuntimeError("a bug")
+
+    app.cache.narinfo_text = broken  # type: ignore[method-assign]
+    response, _ = app.request(f"/{GOOD_HASH}.narinfo")
+    assert response.code == 500
+
+
+def test_a_client_that_goes_away_cancels_its_handler(app: App) -> None:
+    waiting: Deferred[bytes] = Deferred()
+
+    async def slow(hash_part: str) -> bytes:
+        return await waiting
+
+    app.cache.narinfo_text = slow  # type: ignore[method-assign]
+    site = Site(app.resource, reactor=app.clock)
+    protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(
+        f"GET /{GOOD_HASH}.narinfo HTTP/1.1\r\nHost: cache.test\r\n\r\n".encode()
+    )
+    assert not waiting.called
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert waiting.called  # cancelled through the handler's await
+    assert transport.value() == b""
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "bzip2"])
