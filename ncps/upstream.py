@@ -33,18 +33,37 @@ the connection.
 from __future__ import annotations
 
 import netrc
+import re
 from collections.abc import Sequence
+from http.cookiejar import CookieJar
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import IResponse
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    ContentDecoderAgent,
+    CookieAgent,
+    GzipDecoder,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
 from ncps import responses
 from ncps.backoff import Backoff
@@ -74,6 +93,18 @@ ABSENT_STATUSES = frozenset({403, 404, 410})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 MAX_PERSISTENT_PER_HOST = 16
+# Endpoints kept per (scheme, host, port); redirects to presigned URLs on
+# ever new hosts only refill it.
+MAX_CACHED_ENDPOINTS = 64
+# URLs that are already what treq would send (hyperlink's IRI-to-URI
+# conversion leaves them as they are): lower-case host names, no default
+# port spelled out, no fragment, no empty query, only characters a URI
+# allows.  Anything else takes the conversion.
+_PLAIN_URL = re.compile(
+    r"https?://[a-z0-9.-]+(?::(?!(?:80|443)(?![0-9]))[1-9][0-9]*)?"
+    r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?"
+    r"(?:\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]+)?"
+)
 
 
 class BackingOff(UpstreamError):
@@ -123,8 +154,107 @@ class _QuietConnectionPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+class HTTPRequester(Protocol):
+    """What :class:`UpstreamPool` needs of an HTTP client: treq's
+    ``HTTPClient.request`` with these arguments (``StubTreq`` in tests)."""
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Headers,
+        unbuffered: bool,
+        allow_redirects: bool,
+    ) -> Deferred[IResponse]: ...
+
+
+def uri_bytes(url: str) -> bytes:
+    """``url`` as treq sends it (hyperlink's IRI-to-URI conversion), without
+    the conversion's cost for the URLs that it would leave unchanged."""
+    if _PLAIN_URL.fullmatch(url):
+        return url.encode("ascii")
+    text: str = EncodedURL.from_text(url).to_uri().to_text()
+    return text.encode("ascii")
+
+
+@implementer(IAgentEndpointFactory)
+class _CachedEndpoints:
+    """Twisted's standard endpoints (TCP for http, TCP+TLS for https), made
+    once per host and port: building one (IDNA checks, a TLS policy) costs
+    more than sending a request on a pooled connection.  Endpoints hold no
+    per-connection state, so one serves every connection to its host."""
+
+    def __init__(self, reactor: IReactorTCP, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            endpoint = self._make(uri)
+            if len(self._cache) >= MAX_CACHED_ENDPOINTS:
+                self._cache.clear()
+            self._cache[key] = endpoint
+        return endpoint
+
+    def _make(self, uri: URI) -> IStreamClientEndpoint:
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"The host of the provided URI ({uri.host!r}) contains non-ASCII "
+                f"octets, it should be ASCII decodable."
+            ) from None
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor, host, uri.port, timeout=self._timeout
+        )
+        if uri.scheme == b"http":
+            return endpoint
+        if uri.scheme == b"https":
+            policy = self._tls.creatorForNetloc(uri.host, uri.port)
+            tls: IStreamClientEndpoint = wrapClientTLS(policy, endpoint)
+            return tls
+        raise ValueError(f"unsupported scheme {uri.scheme!r}")
+
+
+class DirectClient:
+    """treq's ``HTTPClient.request`` for what the pool sends, minus its
+    per-request setup.
+
+    The same agent stack treq builds for every request (cookies kept in one
+    jar, gzip ``Content-Encoding`` decoded, no redirects followed: the pool
+    follows them itself) is built once here, over endpoints made once per
+    host.  Responses are the agent's, unbuffered.
+    """
+
+    def __init__(self, agent: IAgent) -> None:
+        self.cookies = CookieJar()
+        self._agent = ContentDecoderAgent(
+            CookieAgent(agent, self.cookies), [(b"gzip", GzipDecoder)]
+        )
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Headers,
+        unbuffered: bool,
+        allow_redirects: bool,
+    ) -> Deferred[IResponse]:
+        assert unbuffered and not allow_redirects, "the pool reads and redirects"
+        d: Deferred[IResponse] = self._agent.request(
+            method.encode("ascii").upper(), uri_bytes(url), headers
+        )
+        return d
+
+
 class UpstreamPool:
-    """Every configured upstream, with one treq client and connection pool.
+    """Every configured upstream, with one HTTP client and connection pool.
 
     Runs on the reactor thread.  ``reactor`` provides the clock for timeouts
     and backoff windows (a ``task.Clock`` in tests, with ``http`` a fake).
@@ -138,7 +268,7 @@ class UpstreamPool:
         dialer_timeout: float,
         header_timeout: float,
         netrc_file: Path | None = None,
-        http: HTTPClient | None = None,
+        http: HTTPClient | HTTPRequester | None = None,
         max_persistent_per_host: int = MAX_PERSISTENT_PER_HOST,
     ) -> None:
         self._clock: IReactorTime = reactor
@@ -150,10 +280,11 @@ class UpstreamPool:
             pool.maxPersistentPerHost = max_persistent_per_host
             pool.cachedConnectionTimeout = 30
             self._pool: HTTPConnectionPool | None = pool
-            http = HTTPClient(Agent(reactor, connectTimeout=dialer_timeout, pool=pool))
+            endpoints = _CachedEndpoints(reactor, dialer_timeout)
+            http = DirectClient(Agent.usingEndpointFactory(reactor, endpoints, pool))
         else:
             self._pool = None
-        self.http = http
+        self.http: HTTPClient | HTTPRequester = http
         credentials = _read_netrc(netrc_file)
         self.upstreams = []
         for i, given in enumerate(urls):
@@ -219,12 +350,10 @@ class UpstreamPool:
 
     # -- requests ------------------------------------------------------------------
 
-    def _headers(
-        self, upstream: Upstream, url: str
-    ) -> dict[bytes | str, list[bytes | str]]:
-        headers: dict[bytes | str, list[bytes | str]] = {b"User-Agent": [USER_AGENT]}
+    def _headers(self, upstream: Upstream, url: str) -> Headers:
+        headers = Headers({b"User-Agent": [USER_AGENT]})
         if upstream.auth is not None and same_origin(url, upstream.url):
-            headers[b"Authorization"] = [upstream.auth]
+            headers.setRawHeaders(b"Authorization", [upstream.auth])
         return headers
 
     async def _send(self, upstream: Upstream, url: str, method: str) -> IResponse:

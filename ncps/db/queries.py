@@ -110,6 +110,8 @@ _FIND_NAR_SOURCE = (
     )
     .limit(1)
 )
+_INSERT_NARINFO = insert(narinfos)
+_INSERT_NAR_FILE = insert(nar_files)
 _GET_NAR_FILE = select(nar_files).where(
     and_(
         nar_files.c.hash == bindparam("nar_key"),
@@ -123,36 +125,49 @@ def get_narinfo_thd(conn: Connection, hash_part: str) -> NarInfoRecord | None:
     return _narinfo_from_row(row) if row is not None else None
 
 
+def _narinfo_values(record: NarInfoRecord, now: datetime.datetime) -> dict[str, object]:
+    ni = record.narinfo
+    return {
+        "hash": ni.hash_part,
+        "store_path": ni.store_path,
+        "url": ni.url,
+        "compression": ni.compression,
+        "file_hash": ni.file_hash.to_nix32() if ni.file_hash else None,
+        "file_size": ni.file_size,
+        "nar_hash": ni.nar_hash.to_nix32(),
+        "nar_size": ni.nar_size,
+        "refs": " ".join(ni.references),
+        "deriver": ni.deriver,
+        "system": ni.system,
+        "ca": ni.ca,
+        "signatures": "\n".join(ni.signatures),
+        "nar_key": record.nar_key,
+        "upstream_url": record.upstream_url,
+        "created_at": now,
+        "last_accessed_at": now,
+    }
+
+
+def insert_narinfo_thd(conn: Connection, record: NarInfoRecord) -> NarInfoRecord:
+    """Insert ``record``; raises ``IntegrityError`` if its hash has a row.
+
+    Returns the row as written.  The error spoils the transaction on
+    PostgreSQL: run this in a transaction of its own (see
+    :meth:`Database.put_narinfo`) or use :func:`put_narinfo_thd`.
+    """
+    now = _now()
+    conn.execute(_INSERT_NARINFO, _narinfo_values(record, now))
+    return attrs.evolve(record, last_accessed_at=now)
+
+
 def put_narinfo_thd(conn: Connection, record: NarInfoRecord) -> NarInfoRecord:
     """Insert ``record`` unless a row for that hash exists; return the stored row."""
-    ni = record.narinfo
-    now = _now()
     try:
         with conn.begin_nested():
-            conn.execute(
-                insert(narinfos).values(
-                    hash=ni.hash_part,
-                    store_path=ni.store_path,
-                    url=ni.url,
-                    compression=ni.compression,
-                    file_hash=ni.file_hash.to_nix32() if ni.file_hash else None,
-                    file_size=ni.file_size,
-                    nar_hash=ni.nar_hash.to_nix32(),
-                    nar_size=ni.nar_size,
-                    refs=" ".join(ni.references),
-                    deriver=ni.deriver,
-                    system=ni.system,
-                    ca=ni.ca,
-                    signatures="\n".join(ni.signatures),
-                    nar_key=record.nar_key,
-                    upstream_url=record.upstream_url,
-                    created_at=now,
-                    last_accessed_at=now,
-                )
-            )
+            return insert_narinfo_thd(conn, record)
     except IntegrityError:
         pass  # first writer wins
-    stored = get_narinfo_thd(conn, ni.hash_part)
+    stored = get_narinfo_thd(conn, record.narinfo.hash_part)
     assert stored is not None
     return stored
 
@@ -199,25 +214,33 @@ def get_nar_file_thd(
     )
 
 
+def insert_nar_file_thd(conn: Connection, nar: NarFile) -> NarFile:
+    """Record a committed NAR object; raises ``IntegrityError`` if it has a
+    row (see :func:`insert_narinfo_thd` for the transaction)."""
+    now = _now()
+    conn.execute(
+        _INSERT_NAR_FILE,
+        {
+            "hash": nar.nar_key,
+            "compression": nar.compression,
+            "file_size": nar.file_size,
+            "nar_hash": nar.nar_hash.to_nix32(),
+            "nar_size": nar.nar_size,
+            "created_at": now,
+            "last_accessed_at": now,
+        },
+    )
+    return nar
+
+
 def put_nar_file_thd(conn: Connection, nar: NarFile) -> NarFile:
     """Record a committed NAR object (idempotent: the first row written stays).
 
     Returns the row as recorded, which is an earlier writer's if there was one.
     """
-    now = _now()
     try:
         with conn.begin_nested():
-            conn.execute(
-                insert(nar_files).values(
-                    hash=nar.nar_key,
-                    compression=nar.compression,
-                    file_size=nar.file_size,
-                    nar_hash=nar.nar_hash.to_nix32(),
-                    nar_size=nar.nar_size,
-                    created_at=now,
-                    last_accessed_at=now,
-                )
-            )
+            return insert_nar_file_thd(conn, nar)
     except IntegrityError:
         recorded = get_nar_file_thd(conn, nar.nar_key, nar.compression)
         if recorded is not None:
@@ -325,15 +348,37 @@ class Database:
         return self._run(get_narinfo_thd, hash_part)
 
     def put_narinfo(self, record: NarInfoRecord):  # type: ignore[no-untyped-def]
-        return self._run(self._put_narinfo_thd, record)
+        """Insert ``record`` unless its hash has a row; the stored row."""
+        return self._runner.run(self._put_narinfo_thd, record)
 
-    def _put_narinfo_thd(
+    def _put_narinfo_thd(self, record: NarInfoRecord) -> NarInfoRecord:
+        # The insert alone in its transaction, the earlier writer's row read
+        # in another only on a conflict: no savepoint and no read back on
+        # the common path (a new path on a cold closure).
+        try:
+            return self.call_thd(self._insert_narinfo_thd, record)
+        except IntegrityError:
+            pass  # first writer wins
+        stored = self.call_thd(self._existing_narinfo_thd, record.narinfo.hash_part)
+        assert stored is not None
+        return stored
+
+    def _insert_narinfo_thd(
         self, conn: Connection, record: NarInfoRecord
     ) -> NarInfoRecord:
-        stored = put_narinfo_thd(conn, record)
-        if self._origin:
-            notify_thd(conn, self._origin, "narinfo", record.narinfo.hash_part)
+        stored = insert_narinfo_thd(conn, record)
+        self._notify_thd(conn, "narinfo", record.narinfo.hash_part)
         return stored
+
+    def _existing_narinfo_thd(
+        self, conn: Connection, hash_part: str
+    ) -> NarInfoRecord | None:
+        self._notify_thd(conn, "narinfo", hash_part)
+        return get_narinfo_thd(conn, hash_part)
+
+    def _notify_thd(self, conn: Connection, kind: str, arg: str) -> None:
+        if self._origin:
+            notify_thd(conn, self._origin, kind, arg)
 
     def touch_narinfo(self, hash_part: str):  # type: ignore[no-untyped-def]
         return self._run(touch_narinfo_thd, hash_part)
@@ -345,10 +390,24 @@ class Database:
         return self._run(get_nar_file_thd, nar_key, compression)
 
     def put_nar_file(self, nar: NarFile):  # type: ignore[no-untyped-def]
-        return self._run(self._put_nar_file_thd, nar)
+        """Record a committed NAR (the first row written stays); the row as
+        recorded."""
+        return self._runner.run(self._put_nar_file_thd, nar)
 
-    def _put_nar_file_thd(self, conn: Connection, nar: NarFile) -> NarFile:
-        recorded = put_nar_file_thd(conn, nar)
-        if self._origin:
-            notify_thd(conn, self._origin, "nar", f"{nar.nar_key}:{nar.compression}")
+    def _put_nar_file_thd(self, nar: NarFile) -> NarFile:
+        # As _put_narinfo_thd: no savepoint on the common path.
+        try:
+            return self.call_thd(self._insert_nar_file_thd, nar)
+        except IntegrityError:
+            pass
+        recorded: NarFile | None = self.call_thd(self._existing_nar_file_thd, nar)
+        return nar if recorded is None else recorded
+
+    def _insert_nar_file_thd(self, conn: Connection, nar: NarFile) -> NarFile:
+        recorded = insert_nar_file_thd(conn, nar)
+        self._notify_thd(conn, "nar", f"{nar.nar_key}:{nar.compression}")
         return recorded
+
+    def _existing_nar_file_thd(self, conn: Connection, nar: NarFile) -> NarFile | None:
+        self._notify_thd(conn, "nar", f"{nar.nar_key}:{nar.compression}")
+        return get_nar_file_thd(conn, nar.nar_key, nar.compression)
