@@ -255,26 +255,9 @@ def make_records(count: int, secret_key_file: Path, upstream_url: str) -> list:
 
 def narinfo_row(record, now: datetime.datetime, accessed: datetime.datetime) -> dict:
     """The ``narinfos`` row ``ncps.db.queries.put_narinfo_thd`` writes for it."""
-    ni = record.narinfo
-    return {
-        "hash": ni.hash_part,
-        "store_path": ni.store_path,
-        "url": ni.url,
-        "compression": ni.compression,
-        "file_hash": ni.file_hash.to_nix32() if ni.file_hash else None,
-        "file_size": ni.file_size,
-        "nar_hash": ni.nar_hash.to_nix32(),
-        "nar_size": ni.nar_size,
-        "refs": " ".join(ni.references),
-        "deriver": ni.deriver,
-        "system": ni.system,
-        "ca": ni.ca,
-        "signatures": "\n".join(ni.signatures),
-        "nar_key": record.nar_key,
-        "upstream_url": record.upstream_url,
-        "created_at": now,
-        "last_accessed_at": accessed,
-    }
+    from ncps.db.queries import narinfo_values
+
+    return narinfo_values(record, now, accessed)
 
 
 def populate(database_url: str, records: list) -> float:

@@ -125,7 +125,13 @@ def get_narinfo_thd(conn: Connection, hash_part: str) -> NarInfoRecord | None:
     return _narinfo_from_row(row) if row is not None else None
 
 
-def _narinfo_values(record: NarInfoRecord, now: datetime.datetime) -> dict[str, object]:
+def narinfo_values(
+    record: NarInfoRecord,
+    now: datetime.datetime,
+    accessed: datetime.datetime | None = None,
+) -> dict[str, object]:
+    """The ``narinfos`` row stored for ``record``, created at ``now`` and last
+    accessed at ``accessed`` (default: ``now``)."""
     ni = record.narinfo
     return {
         "hash": ni.hash_part,
@@ -144,7 +150,7 @@ def _narinfo_values(record: NarInfoRecord, now: datetime.datetime) -> dict[str, 
         "nar_key": record.nar_key,
         "upstream_url": record.upstream_url,
         "created_at": now,
-        "last_accessed_at": now,
+        "last_accessed_at": now if accessed is None else accessed,
     }
 
 
@@ -156,7 +162,7 @@ def insert_narinfo_thd(conn: Connection, record: NarInfoRecord) -> NarInfoRecord
     :meth:`Database.put_narinfo`) or use :func:`put_narinfo_thd`.
     """
     now = _now()
-    conn.execute(_INSERT_NARINFO, _narinfo_values(record, now))
+    conn.execute(_INSERT_NARINFO, narinfo_values(record, now))
     return attrs.evolve(record, last_accessed_at=now)
 
 
