@@ -40,7 +40,14 @@ from ncps.narsink import VERIFIABLE_COMPRESSIONS
 from ncps.negative import NegativeCache
 from ncps.nix32 import encode as nix32_encode
 from ncps.signing import SecretKey, TrustedKeys, sign_narinfo
-from ncps.storage.base import NarStore, StoredNar, nar_file_name
+from ncps.storage.base import (
+    ZSTD_NONE,
+    NarStore,
+    StoredNar,
+    nar_file_name,
+    served_compression,
+    stored_name,
+)
 from ncps.storage.local import LocalStore
 from ncps.threads import Runner
 from ncps.upstream import BackingOff, UpstreamPool, resolve_nar_url
@@ -49,7 +56,7 @@ log = Logger(observer=ncps_observer)
 
 # How many signed narinfo texts to keep in memory (about 1 KiB each).
 RENDERED_NARINFOS = 20_000
-# How many committed NARs' recorded sizes to keep in memory (about 200 bytes each).
+# How many committed NARs' rows to keep in memory (about 300 bytes each).
 KNOWN_NAR_FILES = 50_000
 
 
@@ -71,7 +78,23 @@ class NarBody:
     # A committed object that is not a local file (S3): read with
     # ``stored.read_thd`` on the ``reader`` pool.
     stored: StoredNar | None = None
+    # The pool of the object's store (set for every committed object).
     reader: Runner | None = None
+    # "zstd" for a Compression: none NAR stored zstd-compressed: ``size``
+    # is then the stored length and ``nar_size`` the NAR's own.
+    encoding: str | None = None
+    nar_size: int | None = None
+
+
+@attrs.frozen
+class NarHead:
+    """What a HEAD of a NAR announces, in the terms of :class:`NarBody`."""
+
+    size: int | None
+    encoding: str | None = None
+    nar_size: int | None = None
+    # Whether a GET of it as stored honours a byte range (a local file).
+    ranges: bool = False
 
 
 def nar_key_for(ni: NarInfo) -> str:
@@ -84,7 +107,7 @@ def nar_key_for(ni: NarInfo) -> str:
     return nix32_encode(h.digest)
 
 
-__all__ = ["Cache", "NarBody", "Rejected", "announced_length", "nar_key_for"]
+__all__ = ["Cache", "NarBody", "NarHead", "Rejected", "announced_length", "nar_key_for"]
 
 
 class Cache:
@@ -103,12 +126,15 @@ class Cache:
         store_io: Runner | None = None,
         max_downloads: int = 32,
         negative_ttl: float = 10.0,
+        transparent_zstd: bool = False,
     ) -> None:
         """``io`` runs temp-file work (writing, hashing, fsync); ``store_io``
         runs the store's own calls (the io pool for local disk, the s3 pool
         for S3).  At most ``max_downloads`` upstream NAR downloads run at
         once; a narinfo no upstream has is answered 404 without asking them
-        again for ``negative_ttl`` seconds (0 turns that off)."""
+        again for ``negative_ttl`` seconds (0 turns that off).  With
+        ``transparent_zstd``, ``Compression: none`` NARs are stored
+        zstd-compressed (:mod:`ncps.transparent`)."""
         self._clock = clock
         self._db = db
         self._store = store
@@ -129,13 +155,14 @@ class Cache:
             other_sources=self.other_sources,
             max_downloads=max_downloads,
             on_commit=self._remember_nar_file,
+            transparent_zstd=transparent_zstd,
         )
         # hash -> (signed narinfo text, clock time the next access is recorded)
         self._rendered: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        # (NAR key, compression) -> the file size its nar_files row records.
-        # A row is written once and never changed (first writer wins), so a
-        # warm NAR request needs no database round trip.
-        self._nar_sizes: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # (NAR key, compression asked for) -> its nar_files row.  A row is
+        # written once and never changed (first writer wins), so a warm NAR
+        # request needs no database round trip.
+        self._nar_files: OrderedDict[tuple[str, str], NarFile] = OrderedDict()
 
     # -- narinfo -------------------------------------------------------------------
 
@@ -177,7 +204,7 @@ class Cache:
         elif kind == "resync":
             self._rendered.clear()
             self._missing.clear()
-            self._nar_sizes.clear()
+            self._nar_files.clear()
 
     def render(self, record: NarInfoRecord) -> bytes:
         """The narinfo text we serve, signed with our key if signing is on."""
@@ -322,21 +349,20 @@ class Cache:
         download = self.nars.in_flight((nar_key, compression))
         if download is not None:
             return NarBody(download.open_reader(), download.expected_length, download)
-        recorded = await self._recorded_size(nar_key, compression)
+        recorded = await self._recorded(nar_key, compression)
         if recorded is not None:
-            body = await self._open_committed(nar_key, compression)
-            if body is not None and body.size == recorded:
+            body = await self._open_committed(recorded)
+            if body is not None and body.size == recorded.file_size:
                 return body
             if body is not None:
                 # Changed behind our back (truncated on disk, overwritten in
                 # the bucket): never serve it; fetch and verify it again.
                 log.error(
-                    "stored NAR {key}.nar ({compression}) is {size} bytes, "
-                    "recorded {recorded}; fetching it again",
-                    key=nar_key,
-                    compression=compression,
+                    "stored NAR {name} is {size} bytes, recorded {recorded}; "
+                    "fetching it again",
+                    name=stored_name(nar_key, recorded.compression),
                     size=body.size,
-                    recorded=recorded,
+                    recorded=recorded.file_size,
                 )
                 self._release(body)
         record: NarInfoRecord | None = await self._db.find_nar_source(
@@ -347,61 +373,83 @@ class Cache:
         download = await self.nars.fetch(record)
         if download.done:
             await download.when_done()
-            body = await self._open_committed(nar_key, compression)
+            recorded = await self._recorded(nar_key, compression)
+            body = None if recorded is None else await self._open_committed(recorded)
             if body is None:
                 raise NotFound(f"{nar_key}.nar ({compression})")
             return body
         return NarBody(download.open_reader(), download.expected_length, download)
 
-    async def nar_length(self, nar_key: str, compression: str) -> int | None:
-        """For HEAD: the length if the NAR is stored or arriving (never downloads).
+    async def nar_head(self, nar_key: str, compression: str) -> NarHead:
+        """For HEAD: what the NAR is if stored or arriving (never downloads).
 
-        Returns None when the length is not known yet; raises :class:`NotFound`.
+        The size is None when not known yet; raises :class:`NotFound`.
         """
         download = self.nars.in_flight((nar_key, compression))
         if download is not None:
-            return download.expected_length
-        recorded = await self._recorded_size(nar_key, compression)
+            return NarHead(download.expected_length)
+        recorded = await self._recorded(nar_key, compression)
         if recorded is None:
             raise NotFound(f"{nar_key}.nar ({compression})")
-        return recorded
+        if recorded.compression == ZSTD_NONE:
+            return NarHead(recorded.file_size, "zstd", recorded.nar_size)
+        return NarHead(recorded.file_size, ranges=isinstance(self._store, LocalStore))
 
-    async def _recorded_size(self, nar_key: str, compression: str) -> int | None:
-        """The file size the NAR's nar_files row records; None without a row."""
+    async def _recorded(self, nar_key: str, compression: str) -> NarFile | None:
+        """The nar_files row of the stored NAR clients get for ``compression``
+        (in whichever form it is stored); None without a row."""
         key = (nar_key, compression)
-        size = self._nar_sizes.get(key)
-        if size is not None:
-            self._nar_sizes.move_to_end(key)
-            return size
-        nar_file: NarFile | None = await self._db.get_nar_file(nar_key, compression)
-        if nar_file is None:
+        nar_file = self._nar_files.get(key)
+        if nar_file is not None:
+            self._nar_files.move_to_end(key)
+            return nar_file
+        found: NarFile | None = await self._db.find_nar_file(nar_key, compression)
+        if found is None:
             return None
-        self._remember_nar_file(nar_file)
-        return nar_file.file_size
+        self._remember_nar_file(found)
+        return found
 
     def _remember_nar_file(self, nar_file: NarFile) -> None:
-        """Keep a committed NAR's recorded size (its row exists now)."""
-        self._nar_sizes[(nar_file.nar_key, nar_file.compression)] = nar_file.file_size
-        self._nar_sizes.move_to_end((nar_file.nar_key, nar_file.compression))
-        if len(self._nar_sizes) > KNOWN_NAR_FILES:
-            self._nar_sizes.popitem(last=False)
+        """Keep a committed NAR's row (it exists now)."""
+        key = (nar_file.nar_key, served_compression(nar_file.compression))
+        self._nar_files[key] = nar_file
+        self._nar_files.move_to_end(key)
+        if len(self._nar_files) > KNOWN_NAR_FILES:
+            self._nar_files.popitem(last=False)
 
-    async def _open_committed(self, nar_key: str, compression: str) -> NarBody | None:
+    async def _open_committed(self, recorded: NarFile) -> NarBody | None:
         store = self._store
+        key, form = recorded.nar_key, recorded.compression
+        encoded = form == ZSTD_NONE
+        encoding = "zstd" if encoded else None
+        nar_size = recorded.nar_size if encoded else None
         if isinstance(store, LocalStore):
             # Opening a local file is as quick as the pool round trip would
             # be; twisted.web.static opens files on the reactor thread too.
-            fd = store.open_fd(nar_key, compression)
+            fd = store.open_fd(key, form)
             if fd is not None:
-                return NarBody(fd, os.fstat(fd).st_size)
+                return NarBody(
+                    fd,
+                    os.fstat(fd).st_size,
+                    reader=self._store_io,
+                    encoding=encoding,
+                    nar_size=nar_size,
+                )
         else:
-            stored = await self._store_io.run(store.open_thd, nar_key, compression)
+            stored = await self._store_io.run(store.open_thd, key, form)
             if stored is not None:
-                return NarBody(None, stored.size, stored=stored, reader=self._store_io)
+                return NarBody(
+                    None,
+                    stored.size,
+                    stored=stored,
+                    reader=self._store_io,
+                    encoding=encoding,
+                    nar_size=nar_size,
+                )
         log.warn(
             "NAR {name} is recorded but missing from the {kind} store; fetching "
             "it again",
-            name=nar_file_name(nar_key, compression),
+            name=stored_name(key, form),
             kind=store.kind,
         )
         return None
@@ -425,7 +473,7 @@ class Cache:
         a new narinfo is almost never stored: one round trip per path, not
         two).
         """
-        if (record.nar_key, record.narinfo.compression) in self._nar_sizes:
+        if (record.nar_key, record.narinfo.compression) in self._nar_files:
             return
         try:
             self.nars.prefetch(record)

@@ -136,6 +136,8 @@ class Config:
     max_downloads: int = 32
     # Seconds a narinfo no upstream has is remembered as missing (0: never).
     negative_ttl: float = 10.0
+    # Keep Compression: none NARs zstd-compressed (ncps.transparent).
+    transparent_zstd: bool = True
     # Most client connections at once; 0: derived from the descriptor limit.
     max_connections: int = 0
     # Seconds a client has to send its request line and headers (> 0).
@@ -450,6 +452,7 @@ def _build(raw: Mapping[str, Any], environ: Mapping[str, str], warn: Warn) -> Co
         log_level=log_level(str(raw["log-level"])),
         max_downloads=max_downloads,
         negative_ttl=_duration("cache-upstream-negative-ttl", raw, allow_zero=True),
+        transparent_zstd=_bool("cache-transparent-zstd", raw),
         max_connections=_count(
             "--server-max-connections", raw.get("server-max-connections")
         ),

@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ncps import transparent
 from ncps.db.queries import Database, NarFile, NarInfoRecord
 from ncps.download import NarDownload
 from ncps.errors import (
@@ -51,7 +52,7 @@ from ncps.logs import ncps_observer
 from ncps.narinfo import NarInfo
 from ncps.narsink import VERIFIABLE_COMPRESSIONS, Expected, NarSink
 from ncps.scheduler import DownloadSlots, State, Ticket
-from ncps.storage.base import NarStore
+from ncps.storage.base import ZSTD_NONE, NarStore
 from ncps.threads import Runner
 from ncps.upstream import UpstreamPool
 
@@ -116,9 +117,13 @@ class NarFetcher:
         other_sources: Sources,
         max_downloads: int,
         on_commit: Callable[[NarFile], None] | None = None,
+        transparent_zstd: bool = False,
     ) -> None:
-        """``on_commit`` is called with every nar_files row written."""
+        """``on_commit`` is called with every nar_files row written.  With
+        ``transparent_zstd``, ``Compression: none`` NARs are committed
+        zstd-compressed when that pays (:mod:`ncps.transparent`)."""
         self._clock = clock
+        self._transparent_zstd = transparent_zstd
         self._on_commit = on_commit
         self._db = db
         self._store = store
@@ -230,7 +235,8 @@ class NarFetcher:
         try:
             if job.prefetch and not job.waiters:
                 ni = job.record.narinfo
-                stored = await self._db.get_nar_file(job.record.nar_key, ni.compression)
+                key = job.record.nar_key
+                stored = await self._db.find_nar_file(key, ni.compression)
                 if stored is not None:
                     return
             result = await self._try_sources(job)
@@ -360,6 +366,32 @@ class NarFetcher:
         response.deliverBody(download.body_protocol())
         return download
 
+    async def _pack(self, nar_key: str, temp: Path) -> tuple[Path, int] | None:
+        """The verified NAR ``temp`` zstd-compressed into a new temp file:
+        (its path, its size); None when that does not pay or fails (the NAR
+        is then kept as it came)."""
+
+        def pack_thd() -> tuple[Path, int] | None:
+            fd, packed = self._store.new_temp_file_thd(nar_key)
+            try:
+                size = transparent.pack_thd(temp, fd)
+            except BaseException:
+                os.close(fd)
+                self._store.discard_thd(packed)
+                raise
+            os.close(fd)
+            if size is None:
+                self._store.discard_thd(packed)
+                return None
+            return packed, size
+
+        try:
+            result: tuple[Path, int] | None = await self._io.run(pack_thd)
+        except OSError as e:
+            log.warn("compressing NAR {key}: {why}", key=nar_key, why=str(e))
+            return None
+        return result
+
     async def _discard(self, temp: Path) -> None:
         try:
             await self._io.run(self._store.discard_thd, temp)
@@ -370,13 +402,26 @@ class NarFetcher:
         self, record: NarInfoRecord, temp: Path, download: NarDownload
     ) -> None:
         ni = record.narinfo
-        await self._store_io.run(
-            self._store.commit_thd, temp, record.nar_key, ni.compression
-        )
+        form, size = ni.compression, download.written
+        if ni.compression == "none" and self._transparent_zstd:
+            packed = await self._pack(record.nar_key, temp)
+            if packed is not None:
+                packed_temp, size = packed
+                try:
+                    await self._store_io.run(
+                        self._store.commit_thd, packed_temp, record.nar_key, ZSTD_NONE
+                    )
+                except BaseException:
+                    await self._discard(packed_temp)
+                    raise
+                form = ZSTD_NONE
+                await self._discard(temp)
+        if form == ni.compression:
+            await self._store_io.run(self._store.commit_thd, temp, record.nar_key, form)
         nar_file = NarFile(
             nar_key=record.nar_key,
-            compression=ni.compression,
-            file_size=download.written,
+            compression=form,
+            file_size=size,
             nar_hash=ni.nar_hash,
             nar_size=ni.nar_size,
         )

@@ -230,6 +230,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         store_io=Runner(reactor, store_pool.pool),
         max_downloads=config.max_downloads,
         negative_ttl=config.negative_ttl,
+        transparent_zstd=config.transparent_zstd,
     )
     events.subscribe(cache.on_event)
     server = CacheServer(

@@ -162,6 +162,16 @@ SETTINGS: tuple[Setting, ...] = (
         default="10s",
     ),
     Setting(
+        "cache-transparent-zstd",
+        "CACHE_TRANSPARENT_ZSTD",
+        "cache.transparent-zstd",
+        "Keep Compression: none NARs zstd-compressed; they are sent with "
+        "Content-Encoding: zstd to clients that take it (Nix does), decoded "
+        "for others.",
+        default="true",
+        boolean=True,
+    ),
+    Setting(
         "cache-sign-narinfo",
         "CACHE_SIGN_NARINFO",
         "cache.sign-narinfo",

@@ -37,8 +37,10 @@ from ncps.errors import (
 from ncps.logs import ncps_observer
 from ncps.ranges import Unsatisfiable, requested_range
 from ncps.signing import PublicKey
-from ncps.storage.base import EXTENSION_COMPRESSIONS
+from ncps.storage.base import EXTENSION_COMPRESSIONS, StoredNar
+from ncps.storage.local import LocalNar
 from ncps.streaming import FileStreamer, ObjectStreamer
+from ncps.transparent import ZstdDecodedNar, client_takes_zstd
 from ncps.wire import ConnectionGate, LimitedChannel, WireLimits, request_content
 
 log = Logger(observer=ncps_observer)
@@ -204,9 +206,20 @@ class CacheServer:
         if compression is None:
             raise BadRequest("file extension is not known")
         nar_key = match.group(1)
+        if compression == "none":
+            # Sent as stored or decoded, depending on these (ncps.transparent).
+            request.setHeader(b"Vary", b"Accept-Encoding, User-Agent")
         if request.method == b"HEAD":
-            length = await self._cache.nar_length(nar_key, compression)
+            head = await self._cache.nar_head(nar_key, compression)
             request.setHeader(b"Content-Type", NAR_TYPE)
+            length = head.size
+            if head.encoding is not None and _takes_encoding(request):
+                request.setHeader(b"Content-Encoding", head.encoding.encode())
+            elif head.encoding is not None:
+                length = head.nar_size
+                request.setHeader(b"Accept-Ranges", b"bytes")
+            elif head.ranges:
+                request.setHeader(b"Accept-Ranges", b"bytes")
             if length is not None:
                 request.setHeader(b"Content-Length", b"%d" % length)
             return b""
@@ -266,7 +279,11 @@ class NarResource(Resource):
     def render_GET(self, request: server.Request) -> Any:
         request.setHeader(b"Content-Type", NAR_TYPE)
         body = self._body
-        if body.fd is not None and body.download is None and body.size is not None:
+        if body.encoding is not None:
+            if not _takes_encoding(request):
+                return self._send_decoded(request, body)
+            request.setHeader(b"Content-Encoding", body.encoding.encode())
+        elif body.fd is not None and body.download is None and body.size is not None:
             return self._send_stored_file(request, body.fd, body.size)
         if body.size is not None:
             request.setHeader(b"Content-Length", b"%d" % body.size)
@@ -278,6 +295,41 @@ class NarResource(Resource):
             FileStreamer(
                 self._clock, request, body.fd, body.size, body.download
             ).start()
+        return server.NOT_DONE_YET
+
+    def _send_decoded(self, request: server.Request, body: NarBody) -> Any:
+        """A stored zstd-compressed NAR, decoded: all of it, or one range."""
+        assert body.nar_size is not None and body.reader is not None
+        reader = body.reader
+        stored: StoredNar
+        if body.stored is not None:
+            stored = body.stored
+        else:
+            assert body.fd is not None
+            stored = LocalNar(body.fd)
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        try:
+            wanted = requested_range(
+                request.getHeader(b"range"),
+                body.nar_size,
+                if_range=request.getHeader(b"if-range"),
+            )
+        except Unsatisfiable as e:
+            reader.run(stored.close_thd).addErrback(
+                lambda f: log.warn("closing a NAR: {why}", why=f.getErrorMessage())
+            )
+            request.setResponseCode(416)
+            request.setHeader(b"Content-Range", e.content_range())
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"Range Not Satisfiable\n"
+        if wanted is None:
+            decoded = ZstdDecodedNar(stored, body.nar_size)
+        else:
+            request.setResponseCode(206)
+            request.setHeader(b"Content-Range", wanted.content_range())
+            decoded = ZstdDecodedNar(stored, body.nar_size, wanted.first, wanted.length)
+        request.setHeader(b"Content-Length", b"%d" % decoded.size)
+        ObjectStreamer(request, decoded, reader.run).start()
         return server.NOT_DONE_YET
 
     def _send_stored_file(self, request: server.Request, fd: int, size: int) -> Any:
@@ -306,6 +358,13 @@ class NarResource(Resource):
                 self._clock, request, fd, wanted.last + 1, start=wanted.first
             ).start()
         return server.NOT_DONE_YET
+
+
+def _takes_encoding(request: IRequest) -> bool:
+    """Whether the client gets a stored zstd NAR as it is (ncps.transparent)."""
+    return client_takes_zstd(
+        request.getHeader(b"accept-encoding"), request.getHeader(b"user-agent")
+    )
 
 
 @implementer(IResource)

@@ -24,6 +24,7 @@ from ncps.errors import DatabaseUnavailable
 from ncps.logs import ncps_observer
 from ncps.narinfo import NarInfo
 from ncps.nixhash import NixHash, parse_hash
+from ncps.storage.base import ZSTD_NONE
 from ncps.threads import Runner
 
 T = TypeVar("T")
@@ -61,6 +62,8 @@ class NarFile:
     """A NAR object that is whole, verified and committed to storage."""
 
     nar_key: str
+    # The stored form: the compression, or ZSTD_NONE for a Compression: none
+    # NAR kept zstd-compressed (then file_size is the compressed size).
     compression: str
     file_size: int
     nar_hash: NixHash
@@ -117,6 +120,17 @@ _GET_NAR_FILE = select(nar_files).where(
         nar_files.c.hash == bindparam("nar_key"),
         nar_files.c.compression == bindparam("compression"),
     )
+)
+# The stored NAR in either form a Compression: none NAR may take.
+_FIND_NONE_NAR_FILE = (
+    select(nar_files)
+    .where(
+        and_(
+            nar_files.c.hash == bindparam("nar_key"),
+            nar_files.c.compression.in_(["none", ZSTD_NONE]),
+        )
+    )
+    .limit(1)
 )
 
 
@@ -205,9 +219,26 @@ def find_nar_source_thd(
 def get_nar_file_thd(
     conn: Connection, nar_key: str, compression: str
 ) -> NarFile | None:
+    """The row of the object stored in exactly this form (see
+    :data:`~ncps.storage.base.ZSTD_NONE`)."""
     row = conn.execute(
         _GET_NAR_FILE, {"nar_key": nar_key, "compression": compression}
     ).first()
+    return _nar_file_from_row(row)
+
+
+def find_nar_file_thd(
+    conn: Connection, nar_key: str, compression: str
+) -> NarFile | None:
+    """The row of the stored NAR clients get for ``compression``, in
+    whichever form it is stored (a ``none`` NAR may be ZSTD_NONE)."""
+    if compression != "none":
+        return get_nar_file_thd(conn, nar_key, compression)
+    row = conn.execute(_FIND_NONE_NAR_FILE, {"nar_key": nar_key}).first()
+    return _nar_file_from_row(row)
+
+
+def _nar_file_from_row(row: Row[tuple[object, ...]] | None) -> NarFile | None:
     if row is None:
         return None
     m = row._mapping
@@ -394,6 +425,10 @@ class Database:
 
     def get_nar_file(self, nar_key: str, compression: str):  # type: ignore[no-untyped-def]
         return self._run(get_nar_file_thd, nar_key, compression)
+
+    def find_nar_file(self, nar_key: str, compression: str):  # type: ignore[no-untyped-def]
+        """The stored NAR clients get for ``compression``, in any form."""
+        return self._run(find_nar_file_thd, nar_key, compression)
 
     def put_nar_file(self, nar: NarFile):  # type: ignore[no-untyped-def]
         """Record a committed NAR (the first row written stays); the row as

@@ -27,19 +27,41 @@ COMPRESSION_EXTENSIONS: dict[str, str] = {
 }
 EXTENSION_COMPRESSIONS = {ext: c for c, ext in COMPRESSION_EXTENSIONS.items()}
 
+# A ``Compression: none`` NAR kept zstd-compressed (transparent zstd, see
+# :mod:`ncps.transparent`).  It is a stored *form* of its own, with its own
+# name: a ``.nar.zst`` object is a NAR whose narinfo says zstd, and the two
+# must never share a name.  Never part of a URL.
+ZSTD_NONE = "none+zstd"
+# Every stored form: a compression, or ZSTD_NONE.
+FORM_EXTENSIONS: dict[str, str] = {
+    **COMPRESSION_EXTENSIONS,
+    ZSTD_NONE: ".transparent.zst",
+}
+EXTENSION_FORMS = {ext: form for form, ext in FORM_EXTENSIONS.items()}
+
+
+def served_compression(form: str) -> str:
+    """The compression clients ask for to get an object stored in ``form``."""
+    return "none" if form == ZSTD_NONE else form
+
 
 def nar_file_name(nar_key: str, compression: str) -> str:
-    """``<key>.nar[.ext]``, the name used in URLs and in storage."""
+    """``<key>.nar[.ext]``, the name used in URLs."""
     return f"{nar_key}.nar{COMPRESSION_EXTENSIONS[compression]}"
 
 
-def nar_object_key(nar_key: str, compression: str) -> str:
+def stored_name(nar_key: str, form: str) -> str:
+    """The object's file name in storage: its URL name but for ZSTD_NONE."""
+    return f"{nar_key}.nar{FORM_EXTENSIONS[form]}"
+
+
+def nar_object_key(nar_key: str, form: str) -> str:
     """The object's path relative to the store root, the same on every backend."""
-    return f"store/nar/{nar_key[0]}/{nar_key[:2]}/{nar_file_name(nar_key, compression)}"
+    return f"store/nar/{nar_key[0]}/{nar_key[:2]}/{stored_name(nar_key, form)}"
 
 
 def parse_nar_object_key(key: str) -> tuple[str, str] | None:
-    """(nar_key, compression) for a ``store/nar/...`` key, None if it is not one."""
+    """(nar_key, form) for a ``store/nar/...`` key, None if it is not one."""
     parts = key.split("/")
     if len(parts) != 5 or parts[:2] != ["store", "nar"]:
         return None
@@ -47,10 +69,10 @@ def parse_nar_object_key(key: str) -> tuple[str, str] | None:
     stem, sep, ext = name.partition(".nar")
     if not sep or not stem or parts[2] != stem[0] or parts[3] != stem[:2]:
         return None
-    compression = EXTENSION_COMPRESSIONS.get(ext)
-    if compression is None:
+    form = EXTENSION_FORMS.get(ext)
+    if form is None:
         return None
-    return stem, compression
+    return stem, form
 
 
 class StoredNar(Protocol):
@@ -69,7 +91,11 @@ class StoredNar(Protocol):
 
 
 class NarStore(Protocol):
-    """A place for committed NAR objects."""
+    """A place for committed NAR objects.
+
+    An object is named by its key and its stored form: the ``compression``
+    arguments below take a compression or :data:`ZSTD_NONE`.
+    """
 
     # "local" or "s3": for logs, metrics and the copy tool.
     kind: str
@@ -128,4 +154,4 @@ class NarStore(Protocol):
         """Remove the committed object (missing is fine)."""
 
     def iter_objects_thd(self) -> Iterator[tuple[str, str, int]]:
-        """Every committed object as (nar_key, compression, size)."""
+        """Every committed object as (nar_key, form, size)."""

@@ -63,11 +63,16 @@ def decode_nar(body: bytes, compression: str) -> bytes:
 
 
 def compression_of_file(path: PurePath) -> str:
-    """The compression of a stored NAR, from its name (``.nar``, ``.nar.zst``...)."""
+    """How a stored NAR is compressed, from its name (``.nar``, ``.nar.zst``...);
+    ``.nar.transparent.zst`` is an uncompressed NAR kept zstd-compressed."""
     suffix = path.name.split(".nar", 1)[1] if ".nar" in path.name else ""
-    return {"": "none", ".zst": "zstd", ".xz": "xz", ".bz2": "bzip2"}.get(
-        suffix, suffix
-    )
+    return {
+        "": "none",
+        ".zst": "zstd",
+        ".transparent.zst": "zstd",
+        ".xz": "xz",
+        ".bz2": "bzip2",
+    }.get(suffix, suffix)
 
 
 def parse_narinfo(text: str) -> dict[str, object]:

@@ -25,7 +25,7 @@ from twisted.web import server, static
 
 from ncps.config import load_config
 from ncps.service import build_service
-from ncps.testing import TEST_UPSTREAM_KEY, make_nar_fixture, random_nar
+from ncps.testing import TEST_UPSTREAM_KEY, make_nar_fixture, nar_of_file, random_nar
 
 # Clients the test itself uses to look into the bucket: their calls, made on
 # the reactor thread, are not the daemon's.
@@ -139,3 +139,95 @@ async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
         boto_threads
     )
     assert all(n.startswith("PoolThread-ncps-s3-") for n in boto_threads)
+
+
+def fetch(url: str, headers: dict[str, str], method: str = "GET") -> Any:
+    """(status, headers, body) of one request sent exactly as given."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    try:
+        conn.putrequest(method, parts.path, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        fields = {k.lower(): v for k, v in response.getheaders()}
+        return response.status, fields, response.read()
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_uncompressed_nar_is_kept_zstd_compressed_in_the_bucket(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str
+) -> None:
+    from twisted.internet.threads import deferToThread
+
+    text = b"".join(b"/nix/store/%d-lib/share\n" % (i % 977) for i in range(200_000))
+    fx = make_nar_fixture(nar=nar_of_file(text), compression="none")
+    upstream_dir = tmp_path / "upstream"
+    (upstream_dir / "nar").mkdir(parents=True)
+    (upstream_dir / f"{fx.hash_part}.narinfo").write_bytes(fx.narinfo_text)
+    (upstream_dir / fx.nar_path).write_bytes(fx.file)
+    upstream = reactor.listenTCP(
+        0, server.Site(static.File(str(upstream_dir))), interface="127.0.0.1"
+    )
+    port = free_port()
+    config = load_config(
+        {
+            "cache-hostname": "cache.test",
+            "cache-storage-s3-bucket": s3_bucket,
+            "cache-storage-s3-endpoint": s3_server.endpoint,
+            "cache-storage-s3-access-key-id": s3_server.access_key_id,
+            "cache-storage-s3-secret-access-key": s3_server.secret_access_key,
+            "cache-storage-s3-force-path-style": "true",
+            "cache-database-url": f"sqlite:{tmp_path}/db.sqlite3",
+            "cache-temp-path": str(tmp_path / "tmp"),
+            "cache-upstream-url": [f"http://127.0.0.1:{upstream.getHost().port}"],
+            "cache-upstream-public-key": [TEST_UPSTREAM_KEY.public_key().to_text()],
+            "server-addr": f"127.0.0.1:{port}",
+        },
+        {},
+    )
+    service = build_service(config, reactor)
+    service.startService()
+    url = f"http://127.0.0.1:{port}" + fx.cache_nar_path()
+    try:
+        code, _ = await http_get(f"http://127.0.0.1:{port}/{fx.hash_part}.narinfo")
+        assert code == 200
+        client = s3_server.client()
+        key = (
+            f"store/nar/{fx.nar_key[0]}/{fx.nar_key[:2]}/"
+            f"{fx.nar_key}.nar.transparent.zst"
+        )
+        db = tmp_path / "db.sqlite3"
+        for _ in range(1500):
+            with sqlite3.connect(db) as conn:
+                if conn.execute("SELECT COUNT(*) FROM nar_files").fetchone()[0]:
+                    break
+            await deferLater(reactor, 0.01, lambda: None)
+        listing = client.list_objects_v2(Bucket=s3_bucket, Prefix="store/")
+        assert [o["Key"] for o in listing.get("Contents", [])] == [key]
+        stored = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        assert len(stored) < len(fx.file) // 10
+
+        status, fields, body = await deferToThread(
+            fetch, url, {"Accept-Encoding": "gzip, zstd"}
+        )
+        assert (status, fields.get("content-encoding"), body) == (200, "zstd", stored)
+        status, fields, body = await deferToThread(fetch, url, {})
+        assert (status, body) == (200, fx.file)
+        assert "content-encoding" not in fields
+        assert fields["content-length"] == str(len(fx.file))
+        status, fields, body = await deferToThread(
+            fetch, url, {"Range": "bytes=1000000-1000099"}
+        )
+        assert (status, body) == (206, fx.file[1_000_000:1_000_100])
+        status, fields, _ = await deferToThread(fetch, url, {}, "HEAD")
+        assert (status, fields["content-length"]) == (200, str(len(fx.file)))
+    finally:
+        await service.stopService()
+        await upstream.stopListening()

@@ -7,12 +7,14 @@ SyncRunner, time is a Clock, and both HTTP sides are in-memory StubTreqs.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+import zstandard
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -28,6 +30,7 @@ from ncps import narinfo as narinfo_mod
 from ncps.cache import Cache
 from ncps.db.queries import Database, get_nar_file_thd, get_narinfo_thd
 from ncps.signing import SecretKey, TrustedKeys
+from ncps.storage.base import ZSTD_NONE
 from ncps.storage.local import LocalStore
 from ncps.testing import (
     TEST_CACHE_KEY,
@@ -40,6 +43,7 @@ from ncps.testing import (
     drive,
     fake_upstream_pool,
     make_nar_fixture,
+    nar_of_file,
     random_nar,
     result_of,
     sqlite_db_and_local_store,
@@ -123,6 +127,7 @@ def build_app(
     tmp_path: Path,
     signer: SecretKey | None = TEST_CACHE_KEY,
     io: SyncRunner | ManualRunner | None = None,
+    transparent_zstd: bool = False,
 ) -> App:
     clock = Clock()
     runner = SyncRunner()
@@ -138,6 +143,7 @@ def build_app(
         trusted=TrustedKeys([TEST_UPSTREAM_KEY.public_key()]),
         signer=signer,
         io=io,  # type: ignore[arg-type]
+        transparent_zstd=transparent_zstd,
     )
     server = CacheServer(
         clock, cache, "cache.test", signer.public_key() if signer else None
@@ -346,13 +352,13 @@ def test_a_committed_nar_is_served_without_a_database_round_trip(app: App) -> No
     app.request(f"/{fx.hash_part}.narinfo")  # the prefetch commits it
     assert app.nar_row(fx) is not None
     lookups: list[tuple[str, str]] = []
-    get_nar_file = app.db.get_nar_file
+    find_nar_file = app.db.find_nar_file
 
     def counted(nar_key: str, compression: str) -> Any:
         lookups.append((nar_key, compression))
-        return get_nar_file(nar_key, compression)
+        return find_nar_file(nar_key, compression)
 
-    app.db.get_nar_file = counted  # type: ignore[method-assign]
+    app.db.find_nar_file = counted  # type: ignore[method-assign]
     for _ in range(2):
         response, body = app.request(fx.cache_nar_path())
         assert (response.code, body) == (200, fx.file)
@@ -370,13 +376,13 @@ def test_a_nar_stored_before_a_restart_is_looked_up_once(tmp_path: Path) -> None
     app = build_app(tmp_path)
     try:
         lookups: list[str] = []
-        get_nar_file = app.db.get_nar_file
+        find_nar_file = app.db.find_nar_file
 
         def counted(nar_key: str, compression: str) -> Any:
             lookups.append(nar_key)
-            return get_nar_file(nar_key, compression)
+            return find_nar_file(nar_key, compression)
 
-        app.db.get_nar_file = counted  # type: ignore[method-assign]
+        app.db.find_nar_file = counted  # type: ignore[method-assign]
         for _ in range(3):
             response, body = app.request(fx.cache_nar_path())
             assert (response.code, body) == (200, fx.file)
@@ -716,3 +722,195 @@ def test_a_nar_still_downloading_offers_no_ranges(tmp_path: Path) -> None:
     assert body == fx.file
     app.settle()
     app.db.engine.dispose()
+
+
+# -- transparent zstd ----------------------------------------------------------------
+
+NIX_AGENT = "User-Agent: curl/7.85.0 Nix/2.8.0\r\n"
+
+
+def compressible_nar(size: int, seed: int) -> bytes:
+    words = random.Random(seed).choices(
+        [b"nix ", b"store ", b"path ", b"lib\n"], k=size // 4
+    )
+    return nar_of_file(b"".join(words))
+
+
+@pytest.fixture
+def zapp(tmp_path: Path) -> Iterator[App]:
+    built = build_app(tmp_path, transparent_zstd=True)
+    yield built
+    built.db.engine.dispose()
+
+
+@pytest.fixture
+def packed(zapp: App) -> NarFixture:
+    fx = make_nar_fixture(compression="none", nar=compressible_nar(200_000, seed=41))
+    zapp.up1.add(fx)
+    zapp.request(f"/{fx.hash_part}.narinfo")
+    zapp.settle()
+    return fx
+
+
+def test_a_compressible_uncompressed_nar_is_stored_zstd_compressed(
+    zapp: App, packed: NarFixture
+) -> None:
+    assert zapp.nar_row(packed) is None  # no row in the "none" form
+    row = zapp.db.call_thd(get_nar_file_thd, packed.nar_key, ZSTD_NONE)
+    assert row is not None and row.nar_size == len(packed.file)
+    stored = zapp.store.nar_path(packed.nar_key, ZSTD_NONE)
+    assert stored.name == f"{packed.nar_key}.nar.transparent.zst"
+    assert row.file_size == stored.stat().st_size < len(packed.file) // 4
+    assert not zapp.store.nar_path(packed.nar_key, "none").exists()
+    assert zstandard.ZstdDecompressor().decompress(stored.read_bytes()) == packed.file
+    assert zapp.temp_files() == []
+    # The narinfo is the one the upstream signed: nothing about it changes.
+    _, text = zapp.request(f"/{packed.hash_part}.narinfo")
+    served = narinfo_mod.parse(text)
+    assert (served.compression, served.url) == ("none", f"nar/{packed.nar_key}.nar")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Accept-Encoding: zstd\r\n",
+        "Accept-Encoding: gzip, br, ZSTD;q=0.5\r\n",
+        "Accept-Encoding: *\r\n",
+        NIX_AGENT,  # Nix 2.8 sends no Accept-Encoding and decodes zstd itself
+    ],
+)
+def test_a_client_that_takes_zstd_gets_the_stored_bytes(
+    zapp: App, packed: NarFixture, headers: str
+) -> None:
+    stored = zapp.store.nar_path(packed.nar_key, ZSTD_NONE).read_bytes()
+    raw = zapp.raw(packed.cache_nar_path(), headers=headers)
+    status, fields, body = split_raw(raw)
+    assert status.startswith(b"HTTP/1.1 200 ")
+    assert fields[b"content-encoding"] == b"zstd"
+    assert fields[b"content-length"] == b"%d" % len(stored)
+    assert fields[b"vary"] == b"Accept-Encoding, User-Agent"
+    assert b"accept-ranges" not in fields  # Nix would not resume it anyway
+    assert body == stored
+    assert zstandard.ZstdDecompressor().decompress(body) == packed.file
+    head = split_raw(zapp.raw(packed.cache_nar_path(), "HEAD", headers))[1]
+    assert {k: head.get(k) for k in fields} == {**fields, b"date": head[b"date"]}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "",
+        "User-Agent: curl/8.5.0\r\n",
+        "Accept-Encoding: gzip, deflate\r\n",
+        "Accept-Encoding: zstd;q=0, *\r\n",
+        "Accept-Encoding: identity\r\n" + NIX_AGENT,
+    ],
+)
+def test_any_other_client_gets_the_nar_decoded(
+    zapp: App, packed: NarFixture, headers: str
+) -> None:
+    status, fields, body = split_raw(zapp.raw(packed.cache_nar_path(), headers=headers))
+    assert status.startswith(b"HTTP/1.1 200 ")
+    assert b"content-encoding" not in fields
+    assert fields[b"content-length"] == b"%d" % len(packed.file)
+    assert fields[b"accept-ranges"] == b"bytes"
+    assert fields[b"vary"] == b"Accept-Encoding, User-Agent"
+    assert body == packed.file
+    head = split_raw(zapp.raw(packed.cache_nar_path(), "HEAD", headers))[1]
+    assert {k: head.get(k) for k in fields} == {**fields, b"date": head[b"date"]}
+
+
+def test_a_decoded_nar_honours_one_range(zapp: App, packed: NarFixture) -> None:
+    size = len(packed.file)
+    for spec, first, last in [
+        ("bytes=150000-", 150000, size - 1),
+        ("bytes=3-9", 3, 9),
+        ("bytes=-5", size - 5, size - 1),
+    ]:
+        status, fields, body = split_raw(
+            zapp.raw(packed.cache_nar_path(), headers=f"Range: {spec}\r\n")
+        )
+        assert status.startswith(b"HTTP/1.1 206 "), spec
+        assert body == packed.file[first : last + 1]
+        assert fields[b"content-range"] == b"bytes %d-%d/%d" % (first, last, size)
+        assert fields[b"content-length"] == b"%d" % (last - first + 1)
+    status, fields, _ = split_raw(
+        zapp.raw(packed.cache_nar_path(), headers=f"Range: bytes={size}-\r\n")
+    )
+    assert status.startswith(b"HTTP/1.1 416 ")
+    assert fields[b"content-range"] == b"bytes */%d" % size
+
+
+def test_compressed_nars_never_get_a_content_encoding(zapp: App) -> None:
+    for compression in ("xz", "zstd"):
+        fx = make_nar_fixture(
+            name=f"hello-{compression}",
+            compression=compression,
+            nar=compressible_nar(50_000, seed=42),
+        )
+        zapp.up1.add(fx)
+        zapp.request(f"/{fx.hash_part}.narinfo")
+        zapp.settle()
+        for headers in ("Accept-Encoding: zstd\r\n", NIX_AGENT):
+            status, fields, body = split_raw(
+                zapp.raw(fx.cache_nar_path(), headers=headers)
+            )
+            assert status.startswith(b"HTTP/1.1 200 ")
+            assert b"content-encoding" not in fields and b"vary" not in fields
+            assert body == fx.file
+
+
+def test_an_incompressible_nar_is_kept_as_it_came(zapp: App) -> None:
+    fx = make_nar_fixture(compression="none", nar=random_nar(100_000, seed=43))
+    zapp.up1.add(fx)
+    zapp.request(f"/{fx.hash_part}.narinfo")
+    zapp.settle()
+    assert zapp.nar_row(fx) is not None
+    assert zapp.db.call_thd(get_nar_file_thd, fx.nar_key, ZSTD_NONE) is None
+    assert zapp.temp_files() == []
+    _, fields, body = split_raw(zapp.raw(fx.cache_nar_path(), headers=NIX_AGENT))
+    assert b"content-encoding" not in fields and body == fx.file
+
+
+def test_transparent_zstd_off_keeps_nars_as_they_came(app: App) -> None:
+    fx = make_nar_fixture(compression="none", nar=compressible_nar(100_000, seed=44))
+    app.up1.add(fx)
+    app.request(f"/{fx.hash_part}.narinfo")
+    app.settle()
+    assert app.nar_row(fx) is not None
+    _, fields, body = split_raw(app.raw(fx.cache_nar_path(), headers=NIX_AGENT))
+    assert b"content-encoding" not in fields and body == fx.file
+
+
+def test_a_nar_still_arriving_is_sent_as_it_comes(tmp_path: Path) -> None:
+    app = build_app(tmp_path, io=ManualRunner(), transparent_zstd=True)
+    fx = make_nar_fixture(compression="none", nar=compressible_nar(100_000, seed=45))
+    app.up1.add(fx)
+    record = app.cache.ingest("http://up1.test/", fx.hash_part, fx.narinfo_text)
+    result_of(app.db.put_narinfo(record))
+    status, fields, body = split_raw(app.raw(fx.cache_nar_path(), headers=NIX_AGENT))
+    assert status.startswith(b"HTTP/1.1 200 ")
+    assert b"content-encoding" not in fields
+    assert body == fx.file
+    app.settle()
+    # Committed compressed all the same; later clients get it so.
+    assert app.db.call_thd(get_nar_file_thd, fx.nar_key, ZSTD_NONE) is not None
+    _, fields, body = split_raw(app.raw(fx.cache_nar_path(), headers=NIX_AGENT))
+    assert fields[b"content-encoding"] == b"zstd"
+    assert zstandard.ZstdDecompressor().decompress(body) == fx.file
+    app.db.engine.dispose()
+
+
+def test_a_damaged_stored_object_is_never_sent_as_a_whole_nar(
+    zapp: App, packed: NarFixture
+) -> None:
+    path = zapp.store.nar_path(packed.nar_key, ZSTD_NONE)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2 :] = bytes(len(damaged) - len(damaged) // 2)
+    path.write_bytes(bytes(damaged))
+    # The first read already fails to decode, before the headers went out:
+    # the connection drops and the client sees an error, not a short NAR.
+    assert zapp.raw(packed.cache_nar_path()) == b""
+    # As stored, to a client that takes zstd: Nix checks the NarHash.
+    status, _, body = split_raw(zapp.raw(packed.cache_nar_path(), headers=NIX_AGENT))
+    assert status.startswith(b"HTTP/1.1 200 ") and body == bytes(damaged)
