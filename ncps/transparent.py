@@ -36,6 +36,9 @@ MIN_SAVING = 0.10
 # Our own frames use far less; anything that asks for more is not ours.
 MAX_WINDOW = 1 << 27
 PACK_CHUNK = 1 << 20
+# After this much of a NAR, give up if the output is still this big a share.
+PROBE = 16 * PACK_CHUNK
+PROBE_RATIO = 0.97
 
 # Nix up to 2.33 sends no Accept-Encoding but decodes a Content-Encoding
 # (zstd, xz, gzip, br) itself; later versions and Lix send Accept-Encoding.
@@ -89,14 +92,19 @@ def pack_thd(source: Path, fd: int) -> int | None:
     raw_size = source.stat().st_size
     budget = int(raw_size * (1 - MIN_SAVING))
     compressor = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True)
-    written = 0
+    written = read = 0
     with source.open("rb") as src:
         chunker = compressor.chunker(size=raw_size, chunk_size=PACK_CHUNK)
         while data := src.read(PACK_CHUNK):
+            read += len(data)
             for piece in chunker.compress(data):
                 written += _write_all(fd, piece)
                 if written > budget:
                     return None
+            if read == PROBE and written > read * PROBE_RATIO:
+                # Already compressed data (a tarball, images): give up early
+                # rather than compress a gigabyte for nothing.
+                return None
         for piece in chunker.finish():
             written += _write_all(fd, piece)
     if written > budget:

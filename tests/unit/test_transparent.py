@@ -103,3 +103,12 @@ def test_bytes_that_do_not_decode_are_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="does not decode"):
         read_all(nar, 1 << 20)
     nar.close_thd()
+
+
+def test_incompressible_bytes_are_given_up_on_early(tmp_path: Path) -> None:
+    # 64 MiB that zstd cannot shrink, then text it could: not worth packing,
+    # and found out from the first 16 MiB, not after the whole file.
+    data = random.Random(4).randbytes(64 << 20) + text_like(1 << 20)
+    target, size = pack(tmp_path, data)
+    assert size is None
+    assert target.stat().st_size < 20 << 20
