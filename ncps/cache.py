@@ -93,7 +93,8 @@ class NarHead:
     size: int | None
     encoding: str | None = None
     nar_size: int | None = None
-    # Whether a GET of it as stored honours a byte range (a local file).
+    # Whether a GET of it honours a byte range (a stored NAR, not one
+    # still arriving).
     ranges: bool = False
 
 
@@ -393,7 +394,7 @@ class Cache:
             raise NotFound(f"{nar_key}.nar ({compression})")
         if recorded.compression == ZSTD_NONE:
             return NarHead(recorded.file_size, "zstd", recorded.nar_size)
-        return NarHead(recorded.file_size, ranges=isinstance(self._store, LocalStore))
+        return NarHead(recorded.file_size, ranges=True)
 
     async def _recorded(self, nar_key: str, compression: str) -> NarFile | None:
         """The nar_files row of the stored NAR clients get for ``compression``

@@ -158,13 +158,14 @@ OBJECT_CHUNK = 1 << 20
 
 @implementer(IPushProducer)
 class ObjectStreamer:
-    """Streams a committed remote object (S3) to ``request``.
+    """Streams a committed object read on a pool (S3, or decoded) to ``request``.
 
     Reads run on the store's pool (``run(fn, *args)`` returns a Deferred), one
     at a time, and only while the transport wants more: a slow client slows
     the reads, and at most one piece is held in memory.  If a read fails or
     the object ends before ``stored.size`` bytes, the connection is aborted
-    so the client sees an error, never a short NAR.
+    so the client sees an error, never a short NAR.  With ``length``, only
+    the bytes [``first``, ``first + length``) are sent (a byte range).
     """
 
     def __init__(
@@ -172,11 +173,15 @@ class ObjectStreamer:
         request: Request,
         stored: StoredNar,
         run: Callable[..., Deferred[Any]],
+        first: int = 0,
+        length: int | None = None,
     ) -> None:
         self._request = request
         self._stored = stored
         self._run = run
-        self._offset = 0
+        self._offset = first
+        self._end = stored.size if length is None else first + length
+        self._seek_to: int | None = first if first else None
         self._paused = False
         self._stopped = False
         self._reading = False
@@ -203,11 +208,32 @@ class ObjectStreamer:
     def _read_next(self) -> None:
         if self._reading or self._paused or self._stopped:
             return
-        self._reading = True
-        want = min(OBJECT_CHUNK, self._stored.size - self._offset)
+        if self._seek_to is not None:
+            offset, self._seek_to = self._seek_to, None
+            self._reading = True
+            d = self._run(self._stored.seek_thd, offset)
+            d.addCallbacks(self._sought, self._failed)
+            return
+        want = min(OBJECT_CHUNK, self._end - self._offset)
         if want <= 0:
+            if self._end < self._stored.size:
+                self._finish()  # the end of a range
+                return
             want = 1  # expect b"": proves the object ends where it should
+        self._reading = True
         self._run(self._stored.read_thd, want).addCallbacks(self._got, self._failed)
+
+    def _sought(self, _: object) -> None:
+        self._reading = False
+        if self._stopped:
+            self._close()
+            return
+        self._read_next()
+
+    def _finish(self) -> None:
+        self._stop()
+        self._request.unregisterProducer()
+        self._request.finish()
 
     def _got(self, data: bytes) -> None:
         self._reading = False
@@ -215,10 +241,8 @@ class ObjectStreamer:
             self._close()
             return
         if not data:
-            if self._offset == self._stored.size:
-                self._stop()
-                self._request.unregisterProducer()
-                self._request.finish()
+            if self._offset == self._end:
+                self._finish()
             else:
                 log.error(
                     "stored NAR ended at {offset} of {size} bytes",
@@ -228,7 +252,7 @@ class ObjectStreamer:
                 self._abort()
             return
         self._offset += len(data)
-        if self._offset > self._stored.size:
+        if self._offset > self._end:
             log.error("stored NAR is longer than {size} bytes", size=self._stored.size)
             self._abort()
             return

@@ -140,32 +140,25 @@ class _Source(io.RawIOBase):
 class ZstdDecodedNar:
     """A stored ZSTD_NONE object read back as the NAR itself (a StoredNar).
 
-    ``size`` is what it yields: the NAR's length, or the length of the byte
-    range [``first``, ``first + length``) when one is given (the bytes
-    before it are decoded and dropped).  Reads block: run them on the pool
-    of the object's store.  A frame that does not decode raises
-    :class:`StorageError`.
+    ``size`` is the NAR's length.  A seek decodes and drops the bytes before
+    the offset.  Reads block: run them on the pool of the object's store.  A
+    frame that does not decode raises :class:`StorageError`.
     """
 
     fd: int | None = None
 
-    def __init__(
-        self,
-        stored: StoredNar,
-        nar_size: int,
-        first: int = 0,
-        length: int | None = None,
-    ) -> None:
+    def __init__(self, stored: StoredNar, nar_size: int) -> None:
         self._stored = stored
-        self._ranged = length is not None
-        self.size = nar_size - first if length is None else length
-        self._skip = first
-        self._left = self.size
+        self.size = nar_size
+        self._skip = 0
         decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
         source = io.BufferedReader(_Source(stored), buffer_size=PACK_CHUNK)
         self._reader = decompressor.stream_reader(
             source, read_size=PACK_CHUNK, closefd=False
         )
+
+    def seek_thd(self, offset: int) -> None:
+        self._skip = offset
 
     def read_thd(self, n: int) -> bytes:
         try:
@@ -174,14 +167,9 @@ class ZstdDecodedNar:
                 if not dropped:
                     return b""
                 self._skip -= len(dropped)
-            if self._ranged:
-                if self._left <= 0:
-                    return b""
-                n = min(n, self._left)
-            data = self._reader.read(n)
+            data: bytes = self._reader.read(n)
         except zstandard.ZstdError as e:
             raise StorageError(f"stored NAR does not decode: {e}") from None
-        self._left -= len(data)
         return data
 
     def close_thd(self) -> None:

@@ -37,7 +37,7 @@ from ncps.errors import (
 from ncps.logs import ncps_observer
 from ncps.ranges import Unsatisfiable, requested_range
 from ncps.signing import PublicKey
-from ncps.storage.base import EXTENSION_COMPRESSIONS, StoredNar
+from ncps.storage.base import EXTENSION_COMPRESSIONS
 from ncps.storage.local import LocalNar
 from ncps.streaming import FileStreamer, ObjectStreamer
 from ncps.transparent import ZstdDecodedNar, client_takes_zstd
@@ -267,7 +267,8 @@ class CacheServer:
 
 @implementer(IResource)
 class NarResource(Resource):
-    """Sends one opened NAR body, streaming it from its file descriptor."""
+    """Sends one opened NAR body: as it arrives, or as stored (maybe one byte
+    range of it), or decoded from its stored zstd (ncps.transparent)."""
 
     isLeaf = True
 
@@ -279,61 +280,29 @@ class NarResource(Resource):
     def render_GET(self, request: server.Request) -> Any:
         request.setHeader(b"Content-Type", NAR_TYPE)
         body = self._body
-        if body.encoding is not None:
-            if not _takes_encoding(request):
-                return self._send_decoded(request, body)
-            request.setHeader(b"Content-Encoding", body.encoding.encode())
-        elif body.fd is not None and body.download is None and body.size is not None:
-            return self._send_stored_file(request, body.fd, body.size)
-        if body.size is not None:
-            request.setHeader(b"Content-Length", b"%d" % body.size)
-        if body.stored is not None:
-            assert body.reader is not None
-            ObjectStreamer(request, body.stored, body.reader.run).start()
-        else:
+        if body.download is not None:
+            # Still arriving: all of it, as it comes.
             assert body.fd is not None
+            if body.size is not None:
+                request.setHeader(b"Content-Length", b"%d" % body.size)
             FileStreamer(
                 self._clock, request, body.fd, body.size, body.download
             ).start()
-        return server.NOT_DONE_YET
+            return server.NOT_DONE_YET
+        if body.encoding is not None and _takes_encoding(request):
+            # As stored: Nix does not resume an encoded body, so no ranges.
+            assert body.size is not None
+            request.setHeader(b"Content-Encoding", body.encoding.encode())
+            request.setHeader(b"Content-Length", b"%d" % body.size)
+            self._stream(request, body, 0, body.size, decode=False)
+            return server.NOT_DONE_YET
+        return self._send_stored(request, body)
 
-    def _send_decoded(self, request: server.Request, body: NarBody) -> Any:
-        """A stored zstd-compressed NAR, decoded: all of it, or one range."""
-        assert body.nar_size is not None and body.reader is not None
-        reader = body.reader
-        stored: StoredNar
-        if body.stored is not None:
-            stored = body.stored
-        else:
-            assert body.fd is not None
-            stored = LocalNar(body.fd)
-        request.setHeader(b"Accept-Ranges", b"bytes")
-        try:
-            wanted = requested_range(
-                request.getHeader(b"range"),
-                body.nar_size,
-                if_range=request.getHeader(b"if-range"),
-            )
-        except Unsatisfiable as e:
-            reader.run(stored.close_thd).addErrback(
-                lambda f: log.warn("closing a NAR: {why}", why=f.getErrorMessage())
-            )
-            request.setResponseCode(416)
-            request.setHeader(b"Content-Range", e.content_range())
-            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-            return b"Range Not Satisfiable\n"
-        if wanted is None:
-            decoded = ZstdDecodedNar(stored, body.nar_size)
-        else:
-            request.setResponseCode(206)
-            request.setHeader(b"Content-Range", wanted.content_range())
-            decoded = ZstdDecodedNar(stored, body.nar_size, wanted.first, wanted.length)
-        request.setHeader(b"Content-Length", b"%d" % decoded.size)
-        ObjectStreamer(request, decoded, reader.run).start()
-        return server.NOT_DONE_YET
-
-    def _send_stored_file(self, request: server.Request, fd: int, size: int) -> Any:
-        """A whole, verified local NAR: all of it, or the one range asked for."""
+    def _send_stored(self, request: server.Request, body: NarBody) -> Any:
+        """A whole, verified NAR (decoded if it is stored encoded): all of it,
+        or the one range asked for."""
+        size = body.nar_size if body.encoding is not None else body.size
+        assert size is not None
         request.setHeader(b"Accept-Ranges", b"bytes")
         try:
             wanted = requested_range(
@@ -342,22 +311,55 @@ class NarResource(Resource):
                 if_range=request.getHeader(b"if-range"),
             )
         except Unsatisfiable as e:
-            os.close(fd)
+            self._release(body)
             request.setResponseCode(416)
             request.setHeader(b"Content-Range", e.content_range())
             request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
             return b"Range Not Satisfiable\n"
-        if wanted is None:
-            request.setHeader(b"Content-Length", b"%d" % size)
-            FileStreamer(self._clock, request, fd, size).start()
-        else:
+        first, length = 0, size
+        if wanted is not None:
             request.setResponseCode(206)
             request.setHeader(b"Content-Range", wanted.content_range())
-            request.setHeader(b"Content-Length", b"%d" % wanted.length)
-            FileStreamer(
-                self._clock, request, fd, wanted.last + 1, start=wanted.first
-            ).start()
+            first, length = wanted.first, wanted.length
+        request.setHeader(b"Content-Length", b"%d" % length)
+        self._stream(request, body, first, length, decode=body.encoding is not None)
         return server.NOT_DONE_YET
+
+    def _stream(
+        self,
+        request: server.Request,
+        body: NarBody,
+        first: int,
+        length: int,
+        *,
+        decode: bool,
+    ) -> None:
+        """Send bytes [first, first + length) of the stored body, or of what
+        it decodes to."""
+        stored = body.stored
+        if decode:
+            assert body.nar_size is not None
+            if stored is None:
+                assert body.fd is not None
+                stored = LocalNar(body.fd)
+            stored = ZstdDecodedNar(stored, body.nar_size)
+        if stored is None:
+            assert body.fd is not None
+            FileStreamer(
+                self._clock, request, body.fd, first + length, start=first
+            ).start()
+            return
+        assert body.reader is not None
+        ObjectStreamer(request, stored, body.reader.run, first, length).start()
+
+    def _release(self, body: NarBody) -> None:
+        """Close a body that will not be sent."""
+        if body.stored is not None and body.reader is not None:
+            body.reader.run(body.stored.close_thd).addErrback(
+                lambda f: log.warn("closing a NAR: {why}", why=f.getErrorMessage())
+            )
+        elif body.fd is not None:
+            os.close(body.fd)
 
 
 def _takes_encoding(request: IRequest) -> bool:

@@ -86,6 +86,12 @@ class StoredNar(Protocol):
     def read_thd(self, n: int) -> bytes:
         """Up to ``n`` next bytes; ``b""`` at the end.  Raises StorageError."""
 
+    def seek_thd(self, offset: int) -> None:
+        """Read on from byte ``offset`` (below ``size``), before the first read.
+
+        For a byte range; raises StorageError.
+        """
+
     def close_thd(self) -> None:
         """Release the object (idempotent)."""
 

@@ -188,6 +188,9 @@ class LocalNar:
         self._offset += len(data)
         return data
 
+    def seek_thd(self, offset: int) -> None:
+        self._offset = offset
+
     def close_thd(self) -> None:
         if self.fd is not None:
             os.close(self.fd)

@@ -63,10 +63,13 @@ class S3StoredNar:
 
     fd: int | None = None
 
-    def __init__(self, object_key: str, size: int, body: Any) -> None:
+    def __init__(
+        self, object_key: str, size: int, body: Any, store: S3Store | None = None
+    ) -> None:
         self.size = size
         self._object_key = object_key
         self._body = body
+        self._store = store
         self._closed = False
 
     def read_thd(self, n: int) -> bytes:
@@ -78,6 +81,27 @@ class S3StoredNar:
             # botocore or urllib3) is the store failing, whatever its class.
             raise StorageError(f"s3 read {self._object_key}: {_reason(e)}") from None
         return data
+
+    def seek_thd(self, offset: int) -> None:
+        """Drop the whole-object response; ask for the bytes from ``offset``."""
+        assert self._store is not None, "opened without its store"
+        self.close_thd()
+        key = self._object_key
+        try:
+            response = self._store.client.get_object(
+                Bucket=self._store.bucket, Key=key, Range=f"bytes={offset}-"
+            )
+        except (ClientError, BotoCoreError) as e:
+            raise StorageError(f"s3 get {key} from {offset}: {_reason(e)}") from None
+        self._body = response["Body"]
+        self._closed = False
+        if int(response["ContentLength"]) != self.size - offset:
+            # Replaced meanwhile, or a server that ignored the range.
+            self.close_thd()
+            raise StorageError(
+                f"s3 get {key} from {offset}: {response['ContentLength']} bytes "
+                f"of {self.size}"
+            )
 
     def close_thd(self) -> None:
         """Close the response body (idempotent; errors are ignored)."""
@@ -345,7 +369,7 @@ class S3Store:
             raise StorageError(f"s3 get {key}: {_reason(e)}") from None
         except BotoCoreError as e:
             raise StorageError(f"s3 get {key}: {_reason(e)}") from None
-        return S3StoredNar(key, int(response["ContentLength"]), response["Body"])
+        return S3StoredNar(key, int(response["ContentLength"]), response["Body"], self)
 
     def delete_thd(self, nar_key: str, compression: str) -> None:
         """Remove the committed object (missing is fine)."""

@@ -21,6 +21,7 @@ import pytest_twisted
 from servers import S3Server, free_port
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.web import server, static
 
 from ncps.config import load_config
@@ -119,6 +120,26 @@ async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
         assert code == 200
         assert len(boto_threads) > uploads  # read from S3, not from a temp file
         assert hashlib.sha256(warm).digest() == hashlib.sha256(fx.file).digest()
+        # One byte range, asked of the bucket as a range (resume from S3).
+        url = base + fx.cache_nar_path()
+        gets = len(boto_threads)
+        status, fields, body = await deferToThread(
+            fetch, url, {"Range": "bytes=10000000-"}
+        )
+        assert (status, body) == (206, fx.file[10_000_000:])
+        assert (
+            fields["content-range"]
+            == f"bytes 10000000-{len(fx.file) - 1}/{len(fx.file)}"
+        )
+        assert len(boto_threads) == gets + 2  # the whole-object GET, the ranged GET
+        status, fields, body = await deferToThread(fetch, url, {"Range": "bytes=5-9"})
+        assert (status, body) == (206, fx.file[5:10])
+        status, fields, _ = await deferToThread(
+            fetch, url, {"Range": f"bytes={len(fx.file)}-"}
+        )
+        assert (status, fields["content-range"]) == (416, f"bytes */{len(fx.file)}")
+        status, fields, _ = await deferToThread(fetch, url, {}, "HEAD")
+        assert fields["accept-ranges"] == "bytes"
         # Nothing but this instance's own (empty) temp dir and its lock file.
         (claimed,) = [p for p in (tmp_path / "tmp").iterdir() if p.is_dir()]
         assert list(claimed.iterdir()) == []
@@ -164,8 +185,6 @@ def fetch(url: str, headers: dict[str, str], method: str = "GET") -> Any:
 async def test_an_uncompressed_nar_is_kept_zstd_compressed_in_the_bucket(
     tmp_path: Path, s3_server: S3Server, s3_bucket: str
 ) -> None:
-    from twisted.internet.threads import deferToThread
-
     text = b"".join(b"/nix/store/%d-lib/share\n" % (i % 977) for i in range(200_000))
     fx = make_nar_fixture(nar=nar_of_file(text), compression="none")
     upstream_dir = tmp_path / "upstream"

@@ -153,3 +153,30 @@ def test_client_gone_while_a_read_is_in_flight_closes_after_it() -> None:
     assert stored.closed == 1
     assert len(request.body) == OBJECT_CHUNK  # nothing written after the stop
     assert not request.finished
+
+
+class SeekableStoredNar(FakeStoredNar):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.seeks: list[int] = []
+
+    def seek_thd(self, offset: int) -> None:
+        assert self.reads == 0, "seek after a read"
+        self.seeks.append(offset)
+        self.offset = offset
+
+
+@pytest.mark.parametrize(("first", "length"), [(0, 10), (5, 100), (3_000_000, 1)])
+def test_a_range_is_sought_then_sent_and_ends_where_it_should(
+    first: int, length: int
+) -> None:
+    data = bytes(range(256)) * 20_000
+    stored = SeekableStoredNar(data)
+    runner = ManualRunner()
+    request = Request()
+    ObjectStreamer(request, stored, runner.run, first, length).start()  # type: ignore[arg-type]
+    drain(runner)
+    assert stored.seeks == ([first] if first else [])
+    assert request.body == data[first : first + length]
+    assert request.finished == 1 and not request.aborted
+    assert stored.closed == 1
