@@ -175,21 +175,29 @@ class Cache:
         never changes (first writer wins), so only eviction or deletion,
         which go through this object, could make an entry stale.
         """
-        hit = self._rendered.get(hash_part)
-        now = self._clock.seconds()
-        if hit is not None:
-            body, touch_due = hit
-            self._rendered.move_to_end(hash_part)
-            if now >= touch_due:
-                self._rendered[hash_part] = (body, now + TOUCH_INTERVAL.total_seconds())
-                d = self._db.touch_narinfo(hash_part)
-                d.addErrback(lambda f: log.failure("recording access", f))
-            return body
+        remembered = self.remembered_narinfo_text(hash_part)
+        if remembered is not None:
+            return remembered
         record = await self.narinfo(hash_part)
         body = self.render(record)
+        now = self._clock.seconds()
         self._rendered[hash_part] = (body, now + TOUCH_INTERVAL.total_seconds())
         if len(self._rendered) > RENDERED_NARINFOS:
             self._rendered.popitem(last=False)
+        return body
+
+    def remembered_narinfo_text(self, hash_part: str) -> bytes | None:
+        """:meth:`narinfo_text` when it is answered from memory, at once."""
+        hit = self._rendered.get(hash_part)
+        if hit is None:
+            return None
+        body, touch_due = hit
+        self._rendered.move_to_end(hash_part)
+        now = self._clock.seconds()
+        if now >= touch_due:
+            self._rendered[hash_part] = (body, now + TOUCH_INTERVAL.total_seconds())
+            d = self._db.touch_narinfo(hash_part)
+            d.addErrback(lambda f: log.failure("recording access", f))
         return body
 
     def on_event(self, kind: str, arg: str) -> None:
@@ -380,6 +388,32 @@ class Cache:
                 raise NotFound(f"{nar_key}.nar ({compression})")
             return body
         return NarBody(download.open_reader(), download.expected_length, download)
+
+    def stored_local_nar(self, nar_key: str, compression: str) -> NarBody | None:
+        """:meth:`nar` at once, for a NAR known to be whole on local disk;
+        None for anything else (ask :meth:`nar`)."""
+        store = self._store
+        if not isinstance(store, LocalStore):
+            return None
+        recorded = self._nar_files.get((nar_key, compression))
+        if recorded is None or self.nars.in_flight((nar_key, compression)):
+            return None
+        fd = store.open_fd(nar_key, recorded.compression)
+        if fd is None:
+            return None
+        size = os.fstat(fd).st_size
+        if size != recorded.file_size:
+            os.close(fd)
+            return None  # nar() says why and fetches it again
+        self._nar_files.move_to_end((nar_key, compression))
+        encoded = recorded.compression == ZSTD_NONE
+        return NarBody(
+            fd,
+            size,
+            reader=self._store_io,
+            encoding="zstd" if encoded else None,
+            nar_size=recorded.nar_size if encoded else None,
+        )
 
     async def nar_head(self, nar_key: str, compression: str) -> NarHead:
         """For HEAD: what the NAR is if stored or arriving (never downloads).

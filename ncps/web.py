@@ -54,6 +54,8 @@ NAR_NAME = re.compile(r"^([0-9a-df-np-sv-z]{52}|[0-9a-f]{64})\.nar(\.[a-z0-9]+)?
 NARINFO_TYPE = b"text/x-nix-narinfo"
 NAR_TYPE = b"application/x-nix-nar"
 CACHE_INFO = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
+# What decides how a Compression: none NAR is sent (ncps.transparent).
+VARY = b"Accept-Encoding, User-Agent"
 
 
 class BadRequest(Exception):
@@ -108,13 +110,22 @@ class CacheServer:
             if not name or b"/" in name:
                 return None
             handler = self.nar
+            narinfo = False
         elif path.endswith(b".narinfo") and path.count(b"/") == 1:
             name = path[1:]
             handler = self.narinfo
+            narinfo = True
         else:
             return None
         # The guard admitted only plain ASCII path characters.
-        d: Deferred[Any] = Deferred.fromCoroutine(handler(request, name.decode()))
+        text = name.decode()
+        if request.method == b"GET":
+            # Warm: answered from memory and the local disk, with no
+            # coroutine, no Deferred and no waiting.
+            answer = self._answer_at_once(request, narinfo, text)
+            if answer is not None:
+                return answer
+        d: Deferred[Any] = Deferred.fromCoroutine(handler(request, text))
         finished = False
 
         def gone(_: object) -> None:
@@ -146,6 +157,33 @@ class CacheServer:
         d.addCallbacks(respond, failed)
         d.addErrback(lambda f: log.failure("writing {uri}", f, uri=request.uri))
         return server.NOT_DONE_YET
+
+    def _answer_at_once(self, request: server.Request, narinfo: bool, name: str) -> Any:
+        """What :meth:`render_hot` renders for a GET the cache can answer
+        without waiting; None when it cannot (or the name is malformed: the
+        handler says so)."""
+        if narinfo:
+            match = NARINFO_NAME.match(name)
+            if match is None:
+                return None
+            text = self._cache.remembered_narinfo_text(match.group(1))
+            if text is None:
+                return None
+            request.setHeader(b"Content-Type", NARINFO_TYPE)
+            request.setHeader(b"Content-Length", b"%d" % len(text))
+            return text
+        nar = NAR_NAME.match(name)
+        if nar is None:
+            return None
+        compression = EXTENSION_COMPRESSIONS.get(nar.group(2) or "")
+        if compression is None:
+            return None
+        body = self._cache.stored_local_nar(nar.group(1), compression)
+        if body is None:
+            return None
+        if compression == "none":
+            request.setHeader(b"Vary", VARY)
+        return NarResource(self._clock, body).render(request)
 
     def _error_handlers(
         self,
@@ -208,7 +246,7 @@ class CacheServer:
         nar_key = match.group(1)
         if compression == "none":
             # Sent as stored or decoded, depending on these (ncps.transparent).
-            request.setHeader(b"Vary", b"Accept-Encoding, User-Agent")
+            request.setHeader(b"Vary", VARY)
         if request.method == b"HEAD":
             head = await self._cache.nar_head(nar_key, compression)
             request.setHeader(b"Content-Type", NAR_TYPE)

@@ -914,3 +914,35 @@ def test_a_damaged_stored_object_is_never_sent_as_a_whole_nar(
     # As stored, to a client that takes zstd: Nix checks the NarHash.
     status, _, body = split_raw(zapp.raw(packed.cache_nar_path(), headers=NIX_AGENT))
     assert status.startswith(b"HTTP/1.1 200 ") and body == bytes(damaged)
+
+
+def test_warm_requests_are_answered_at_once(app: App) -> None:
+    fx = make_nar_fixture(seed=51)
+    app.up1.add(fx)
+    app.request(f"/{fx.hash_part}.narinfo")
+    app.settle()
+    _, narinfo = app.request(f"/{fx.hash_part}.narinfo")  # now remembered
+    app.request(fx.cache_nar_path())  # its row is known now
+
+    async def unused(*args: object) -> bytes:
+        raise AssertionError("the waiting path was taken")
+
+    app.cache.narinfo_text = unused  # type: ignore[method-assign]
+    app.cache.nar = unused  # type: ignore[method-assign,assignment]
+    for path, body in [
+        (f"/{fx.hash_part}.narinfo", narinfo),
+        (fx.cache_nar_path(), fx.file),
+    ]:
+        protocol = Site(app.resource, reactor=app.clock).buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 40000)
+        )
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(
+            f"GET {path} HTTP/1.1\r\nHost: cache.test\r\n\r\n".encode()
+        )
+        # No clock step, no pool run: the whole answer is written already.
+        status, fields, sent = split_raw(transport.value())
+        assert status.startswith(b"HTTP/1.1 200 "), path
+        assert sent == body
+        assert fields[b"content-length"] == b"%d" % len(body)
