@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 import pytest
+import zstandard
 from servers import S3Server
 from sqlalchemy import Engine, select
 
@@ -27,15 +28,27 @@ from ncps.db.queries import (
     put_narinfo_thd,
 )
 from ncps.db.schema import config, nar_files, narinfos
-from ncps.storage.base import nar_file_name, nar_object_key
+from ncps.storage.base import (
+    ZSTD_NONE,
+    nar_file_name,
+    nar_object_key,
+    served_compression,
+)
 from ncps.storage.local import LocalStore
 from ncps.testing import SyncRunner, make_nar_fixture
 
 SECRET = "cache.test-1:c2VjcmV0LWtleS1ieXRlcw=="
 
-# (compression, narinfo has FileHash): the last one's key is the NarHash, so
-# it can only be checked by size.
-KINDS = [("xz", True), ("zstd", True), ("none", True), ("bzip2", False)]
+# (stored form, narinfo has FileHash): the bzip2 one's key is the NarHash, so
+# it can only be checked by size, as the last one: an uncompressed NAR kept
+# zstd-compressed (transparent zstd), whose key is its NAR's hash.
+KINDS = [
+    ("xz", True),
+    ("zstd", True),
+    ("none", True),
+    ("bzip2", False),
+    (ZSTD_NONE, True),
+]
 
 
 @attrs.frozen
@@ -61,7 +74,8 @@ def make_source(root: Path, secret: str = SECRET, first_seed: int = 0) -> list[O
     store.prepare_thd()
     engine, db = open_db(sqlite_url(root))
     objects = []
-    for seed, (compression, file_fields) in enumerate(KINDS, first_seed):
+    for seed, (form, file_fields) in enumerate(KINDS, first_seed):
+        compression = served_compression(form)
         fx = make_nar_fixture(
             name=f"pkg-{seed}",
             seed=seed,
@@ -69,24 +83,26 @@ def make_source(root: Path, secret: str = SECRET, first_seed: int = 0) -> list[O
             file_fields=file_fields,
         )
         data = fx.file
+        if form == ZSTD_NONE:
+            data = zstandard.ZstdCompressor().compress(data)
         key = fx.nar_key
         fd, temp = store.new_temp_file_thd(key)
         with open(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        store.commit_thd(temp, key, compression)
+        store.commit_thd(temp, key, form)
         ni = fx.narinfo
         db.call_thd(
             put_nar_file_thd,
-            NarFile(key, compression, len(data), ni.nar_hash, ni.nar_size),
+            NarFile(key, form, len(data), ni.nar_hash, ni.nar_size),
         )
         ours = attrs.evolve(ni, url=f"nar/{nar_file_name(key, compression)}")
         record = NarInfoRecord(
             narinfo=ours, nar_key=key, upstream_url=f"https://up.example/{ni.url}"
         )
         db.call_thd(put_narinfo_thd, record)
-        objects.append(Obj(key, compression, data))
+        objects.append(Obj(key, form, data))
     db.call_thd(put_config_if_absent_thd, "secret_key", secret)
     engine.dispose()
     return objects
@@ -147,7 +163,7 @@ def test_local_to_local_copies_everything_then_nothing(
     assert f"NARs:      copied {len(objects)} " in out
     assert f"narinfos:  copied {len(objects)}, skipped 0" in out
     assert "config:    copied 1, skipped 0" in out
-    assert "1 NAR(s) checked by size only" in out
+    assert "2 NAR(s) checked by size only" in out
 
     assert local_objects(dst) == local_objects(src)
     for obj in objects:
@@ -160,8 +176,8 @@ def test_local_to_local_copies_everything_then_nothing(
 
     assert ncps_copy([*args, "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "NARs:      copied 0 (0 B), skipped 4 " in out
-    assert "narinfos:  copied 0, skipped 4" in out
+    assert "NARs:      copied 0 (0 B), skipped 5 " in out
+    assert "narinfos:  copied 0, skipped 5" in out
     assert "config:    copied 0, skipped 1" in out
     assert_same_cache(sqlite_url(src), sqlite_url(dst))
 
@@ -179,9 +195,9 @@ def test_dry_run_writes_nothing_to_a_fresh_target(
 
     assert code == 0
     out = capsys.readouterr().out
-    assert "NARs:      would copy 4 (" in out
+    assert "NARs:      would copy 5 (" in out
     assert "already in target 0 (0 B)" in out
-    assert "narinfos:  would copy 4, already in target 0" in out
+    assert "narinfos:  would copy 5, already in target 0" in out
     assert "config:    would copy 1 (secret_key), already in target 0" in out
     assert not dst.exists()
     assert local_objects(src) == before
@@ -201,8 +217,8 @@ def test_dry_run_counts_what_the_target_has(
     assert ncps_copy([*args, "--dry-run"]) == 0
 
     out = capsys.readouterr().out
-    assert "NARs:      would copy 0 (0 B), already in target 4 (" in out
-    assert "narinfos:  would copy 0, already in target 4" in out
+    assert "NARs:      would copy 0 (0 B), already in target 5 (" in out
+    assert "narinfos:  would copy 0, already in target 5" in out
     assert "config:    would copy 0, already in target 1" in out
     assert db_file.stat().st_mtime_ns == mtime
 
@@ -222,7 +238,7 @@ def test_progress_without_a_terminal_is_plain_lines_ending_at_100(
     assert "\r" not in err
     lines = [line for line in err.splitlines() if "%" in line]
     assert lines, err
-    assert lines[-1].startswith("ncps copy: 100%  4/4 NARs  ")
+    assert lines[-1].startswith("ncps copy: 100%  5/5 NARs  ")
 
 
 # -- verification failures -------------------------------------------------------------
@@ -251,7 +267,7 @@ def test_corrupt_and_missing_objects_are_reported_and_not_copied(
     missing_name = nar_file_name(missing.key, missing.compression)
     assert f"failed: {corrupt_name}: sha256 of the source object is" in captured.err
     assert f"failed: {missing_name}: missing from the source storage" in captured.err
-    assert "NARs:      copied 2 " in captured.out
+    assert "NARs:      copied 3 " in captured.out
     assert "failed 2 " in captured.out
     for bad in (corrupt, missing):
         assert not (dst / nar_object_key(bad.key, bad.compression)).exists()
@@ -433,12 +449,12 @@ def test_local_sqlite_to_s3_postgresql_and_back(
 
     to_s3 = ["--no-progress", "--from-storage-local", str(src), *side("to")]
     assert ncps_copy(["--dry-run", *to_s3]) == 0
-    assert "NARs:      would copy 4 (" in capsys.readouterr().out
+    assert "NARs:      would copy 5 (" in capsys.readouterr().out
     client = s3_server.client()
     assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
 
     assert ncps_copy(to_s3) == 0
-    assert "NARs:      copied 4 " in capsys.readouterr().out
+    assert "NARs:      copied 5 " in capsys.readouterr().out
     for obj in objects:
         key = nar_object_key(obj.key, obj.compression)
         body = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
@@ -447,7 +463,7 @@ def test_local_sqlite_to_s3_postgresql_and_back(
     assert leftover_temp_files(tmp_path / "temp") == []
 
     assert ncps_copy(to_s3) == 0
-    assert "NARs:      copied 0 (0 B), skipped 4 " in capsys.readouterr().out
+    assert "NARs:      copied 0 (0 B), skipped 5 " in capsys.readouterr().out
 
     from_s3 = ["--no-progress", *side("from"), "--to-storage-local", str(back)]
     assert ncps_copy(from_s3) == 0
@@ -470,7 +486,7 @@ def test_same_storage_new_database_checks_objects_without_copying(
     captured = capsys.readouterr()
     assert "objects are checked, not copied" in captured.err
     assert "missing from the source storage" in captured.err
-    assert "NARs:      copied 3 " in captured.out
+    assert "NARs:      copied 4 " in captured.out
     assert local_objects(src) == before
     copied = {(r["hash"], r["compression"]) for r in rows(postgres_url, nar_files)}
     assert copied == {(o.key, o.compression) for o in objects[1:]}
@@ -498,7 +514,7 @@ def test_existing_target_rows_are_kept_and_ids_are_the_targets_own(
     args = ["--no-progress", "--from-storage-local", str(src)]
     assert ncps_copy([*args, "--to-storage-local", str(dst)]) == 0
 
-    assert "narinfos:  copied 3, skipped 1" in capsys.readouterr().out
+    assert "narinfos:  copied 4, skipped 1" in capsys.readouterr().out
     target = rows(sqlite_url(dst), narinfos)
     assert len(target) == 2 * len(objects)
     assert kept in target
