@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from ncps.backend import S3_THREADS, db_threads, is_sqlite, open_database, open_store
 from ncps.cache import Cache
 from ncps.config import Config
-from ncps.db.notify import Events, PostgresListener
+from ncps.db.notify import Events
 from ncps.db.queries import Database, get_config_thd, put_config_if_absent_thd
 from ncps.errors import StartupError, exit_on_startup_error
 from ncps.fdlimit import Budget, client_limit, raise_soft_limit
@@ -188,6 +188,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     db = Database(engine, Runner(reactor, db_pool.pool), origin=events.origin)
     if engine.dialect.name == "postgresql":
         # Other instances sharing the database announce what they stored.
+        from ncps.db.pglisten import PostgresListener
+
         PostgresListener(reactor, backend.database_url, events).setServiceParent(root)
     _Hook(lambda: engine.dispose()).setServiceParent(root)
 

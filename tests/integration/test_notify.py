@@ -29,15 +29,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from ncps.db import notify
-from ncps.db.notify import (
-    CHANNEL,
-    Events,
-    PostgresListener,
-    libpq_dsn,
-    notify_thd,
-    parse_payload,
-)
+from ncps.db import pglisten
+from ncps.db.notify import CHANNEL, Events, notify_thd, parse_payload
+from ncps.db.pglisten import PostgresListener, libpq_dsn
 
 reactor: Any = global_reactor
 
@@ -332,8 +326,8 @@ async def test_a_killed_session_is_replaced_and_resyncs(
 async def test_an_unanswered_keepalive_triggers_a_reconnect(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(notify, "KEEPALIVE_INTERVAL", 0.2)
-    monkeypatch.setattr(notify, "KEEPALIVE_TIMEOUT", 0.5)
+    monkeypatch.setattr(pglisten, "KEEPALIVE_INTERVAL", 0.2)
+    monkeypatch.setattr(pglisten, "KEEPALIVE_TIMEOUT", 0.5)
     engine = sa_engine(postgres_url)
     instance = make_instance(postgres_url, "bbbb")
     frozen: list[int] = []
