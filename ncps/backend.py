@@ -68,12 +68,17 @@ def open_store(backend: Backend, flag_prefix: str = "") -> NarStore:
 
 
 def open_database(
-    backend: Backend, *, migrate: bool = True, flag: str = "--cache-database-url"
+    backend: Backend,
+    *,
+    migrate: bool = True,
+    flag: str = "--cache-database-url",
+    isolated_migration: bool = False,
 ) -> tuple[Engine, tuple[str | None, str] | None]:
     """The engine for ``backend``'s database, migrated to the newest schema.
 
     Returns the engine and, when ``migrate`` is set, (revision before,
     revision after).  Any failure is a :class:`StartupError` naming ``flag``.
+    ``isolated_migration``: see :func:`ncps.db.engine.migrate`.
     """
     try:
         engine = db_engine.open_engine(
@@ -84,15 +89,15 @@ def open_database(
     except StartupError as e:
         raise StartupError(str(e).replace("--cache-database-url", flag, 1)) from None
     try:
-        revisions = db_engine.migrate(engine) if migrate else None
+        revisions = (
+            db_engine.migrate(engine, isolated=isolated_migration) if migrate else None
+        )
         if not migrate:
             with engine.connect():
                 pass
-    except SQLAlchemyError as e:
+    except (SQLAlchemyError, db_engine.MigrationError) as e:
         engine.dispose()
-        orig = getattr(e, "orig", None)
-        first = (str(orig) if orig is not None else str(e)).strip().splitlines()
-        reason = first[0] if first else type(e).__name__
+        reason = db_engine.migration_reason(e)
         raise StartupError(
             f"{flag}: {redact_url(backend.database_url)}: {reason}"
         ) from None

@@ -175,7 +175,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         store_pool = ThreadPoolService("s3", max_threads=S3_THREADS)
         store_pool.setServiceParent(root)
 
-    engine, revisions = open_database(backend)
+    engine, revisions = open_database(backend, isolated_migration=True)
     assert revisions is not None
     before, after = revisions
     if before != after:

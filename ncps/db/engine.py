@@ -6,18 +6,31 @@ listens, or on a db pool thread.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import importlib.util
+import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from ncps.errors import StartupError
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
+# The newest revision in schema/versions (a test checks it against Alembic's
+# view).  Known here, a database already at it is checked without importing
+# Alembic: about 11 MB of memory a daemon would keep for nothing.
+HEAD_REVISION = "0002"
+
+
+class MigrationError(Exception):
+    """The migrations failed; the message is the first line of the reason."""
 
 
 def sqlalchemy_url(url: str) -> tuple[URL, Path | None]:
@@ -106,39 +119,93 @@ def schema_dir() -> Path:
 
 
 def _alembic_config() -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(schema_dir()))
     return cfg
 
 
 def head_revision() -> str:
-    """The newest revision the shipped migrations know."""
+    """The newest revision the shipped migrations know (asks Alembic)."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     assert head is not None
     return head
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The revision the database is at (``None`` for an empty database)."""
+    """The revision the database is at (``None`` for an empty database).
+
+    Reads Alembic's version table itself, without importing Alembic.
+    """
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+    if len(rows) > 1:
+        raise MigrationError(f"the database has {len(rows)} schema revisions")
+    return str(rows[0][0]) if rows else None
 
 
-def migrate(engine: Engine) -> tuple[str | None, str]:
+def migrate(engine: Engine, *, isolated: bool = False) -> tuple[str | None, str]:
     """Bring the schema to the newest revision; return (before, after).
 
     A fresh database is created by the migrations themselves, so every
-    database, old or new, goes through the same scripts.
+    database, old or new, goes through the same scripts.  With ``isolated``
+    (the daemon, at startup) they run in a forked child process when this
+    one has no other thread yet, so Alembic's memory goes with the child.
+    Raises :class:`MigrationError` or SQLAlchemy's errors.
     """
     before = current_revision(engine)
-    head = head_revision()
-    if before == head:
-        return before, head
-    # Only now: alembic's command layer costs ~10 MB of memory for good.
+    if before == HEAD_REVISION:
+        return before, HEAD_REVISION
+    if isolated and hasattr(os, "fork") and threading.active_count() == 1:
+        _upgrade_in_child(engine)
+    else:
+        _upgrade(engine)
+    after = current_revision(engine)
+    if after is None:
+        raise MigrationError("the migrations left no schema revision")
+    return before, after
+
+
+def _upgrade(engine: Engine) -> None:
     from alembic import command
 
     cfg = _alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
-    return before, head_revision()
+
+
+def _upgrade_in_child(engine: Engine) -> None:
+    """:func:`_upgrade` in a forked child; its failure raised here."""
+    engine.dispose()  # no connection is shared with the child
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        status = 0
+        try:
+            os.close(read_end)
+            _upgrade(engine)
+        except BaseException as e:
+            status = 1
+            with contextlib.suppress(BaseException):
+                os.write(write_end, migration_reason(e).encode()[:4000])
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        reason = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise MigrationError(reason or f"the migration process ended with {status}")
+
+
+def migration_reason(e: BaseException) -> str:
+    """The first line of what a database or migration failure says."""
+    orig = getattr(e, "orig", None) if isinstance(e, SQLAlchemyError) else None
+    lines = (str(orig) if orig is not None else str(e)).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

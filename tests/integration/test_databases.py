@@ -8,6 +8,9 @@ server that restarts under a running engine.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -99,6 +102,63 @@ def test_each_migration_applies_and_reverts(engine: Engine) -> None:
         inspect(engine).get_table_names()
     )
     assert migrate(engine) == (None, head_revision())
+
+
+def test_the_known_head_is_alembics() -> None:
+    assert db_engine.HEAD_REVISION == head_revision()
+
+
+ISOLATED = """
+import os, sys
+from ncps.db.engine import MigrationError, current_revision, migrate, open_engine
+engine = open_engine(os.environ["NCPS_TEST_DB"])
+try:
+    print(migrate(engine, isolated=True))
+except MigrationError as e:
+    print("MigrationError:", e)
+print(current_revision(engine), "alembic" in sys.modules)
+"""
+
+
+def isolated_migrate(database_url: str) -> list[str]:
+    env = {**os.environ, "NCPS_TEST_DB": database_url}
+    out = subprocess.run(
+        [sys.executable, "-c", ISOLATED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    return out.splitlines()
+
+
+def test_the_daemon_migrates_in_a_child_and_skips_alembic_when_current(
+    database_url: str,
+) -> None:
+    # A fresh database: migrated by a forked child; Alembic never loaded here.
+    assert isolated_migrate(database_url) == [
+        f"(None, '{head_revision()}')",
+        f"{head_revision()} False",
+    ]
+    # Already current: nothing to do, Alembic not even imported.
+    assert isolated_migrate(database_url) == [
+        f"('{head_revision()}', '{head_revision()}')",
+        f"{head_revision()} False",
+    ]
+
+
+def test_a_migration_failing_in_the_child_is_reported(tmp_path: Path) -> None:
+    url = f"sqlite:{tmp_path}/ncps.sqlite3"
+    engine = open_engine(url)
+    migrate(engine)
+    with engine.begin() as conn:  # as if a newer ncps had migrated it
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    lines = isolated_migrate(url)
+    assert lines[0].startswith("MigrationError: "), lines
+    assert "9999" in lines[0]
+    assert lines[1] == "9999 False"
 
 
 def test_model_and_migrations_do_not_drift(engine: Engine) -> None:
