@@ -29,6 +29,7 @@ from ncps.db.queries import Database, get_config_thd, put_config_if_absent_thd
 from ncps.errors import StartupError, exit_on_startup_error
 from ncps.fdlimit import Budget, client_limit, raise_soft_limit
 from ncps.logs import ncps_observer
+from ncps.sendfile import SendfilePort
 from ncps.signing import KeyFormatError, SecretKey, TrustedKeys
 from ncps.threads import Runner, ThreadPoolService
 from ncps.upstream import HEALTH_INTERVAL, UpstreamPool
@@ -58,7 +59,8 @@ class ListenerService(Service):
     """The HTTP listener; a failure to bind stops startup with one line.
 
     The port is a :class:`~ncps.wire.GatedPort`: it never accepts more client
-    connections than ``gate`` allows, and listens with a backlog of 1024.
+    connections than ``gate`` allows, and listens with a backlog of 1024; its
+    connections send stored NARs with sendfile (:mod:`ncps.sendfile`).
     """
 
     def __init__(
@@ -73,7 +75,7 @@ class ListenerService(Service):
 
     def startService(self) -> None:
         super().startService()
-        port = GatedPort(
+        port = SendfilePort(
             self._port_number,
             self._site,
             self._gate,

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from ncps.download import NarDownload
 from ncps.logs import ncps_observer
+from ncps.sendfile import SendfileServer
 from ncps.storage.base import StoredNar
 
 log = Logger(observer=ncps_observer)
@@ -293,3 +294,46 @@ class ObjectStreamer:
         self._run(self._stored.close_thd).addErrback(
             lambda f: log.warn("closing a stored NAR: {why}", why=f.getErrorMessage())
         )
+
+
+class SendfileStreamer:
+    """Sends bytes [start, end) of a stored local file with sendfile(2).
+
+    Only on a :class:`~ncps.sendfile.SendfileServer` connection.  The head is
+    written first; the transport then moves the file region itself, with no
+    copy through Python.  Owns ``fd`` and closes it however the response ends.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        transport: SendfileServer,
+        fd: int,
+        end: int,
+        start: int = 0,
+    ) -> None:
+        self._request = request
+        self._transport = transport
+        self._fd = fd
+        self._start = start
+        self._end = end
+        self._gone = False
+
+    def start(self) -> Deferred[None]:
+        """Fires when the response is over (never with an error)."""
+        self._request.notifyFinish().addErrback(self._client_gone)
+        self._request.write(b"")  # the status line and headers
+        done = self._transport.send_file(self._fd, self._start, self._end)
+        done.addCallbacks(self._sent, self._lost)
+        return done
+
+    def _client_gone(self, _: Failure) -> None:
+        self._gone = True
+
+    def _sent(self, _: object) -> None:
+        os.close(self._fd)
+        if not self._gone:
+            self._request.finish()
+
+    def _lost(self, _: Failure) -> None:
+        os.close(self._fd)

@@ -36,10 +36,11 @@ from ncps.errors import (
 )
 from ncps.logs import ncps_observer
 from ncps.ranges import Unsatisfiable, requested_range
+from ncps.sendfile import SendfileServer
 from ncps.signing import PublicKey
 from ncps.storage.base import EXTENSION_COMPRESSIONS
 from ncps.storage.local import LocalNar
-from ncps.streaming import FileStreamer, ObjectStreamer
+from ncps.streaming import FileStreamer, ObjectStreamer, SendfileStreamer
 from ncps.transparent import ZstdDecodedNar, client_takes_zstd
 from ncps.wire import ConnectionGate, LimitedChannel, WireLimits, request_content
 
@@ -383,9 +384,15 @@ class NarResource(Resource):
             stored = ZstdDecodedNar(stored, body.nar_size)
         if stored is None:
             assert body.fd is not None
-            FileStreamer(
-                self._clock, request, body.fd, first + length, start=first
-            ).start()
+            transport: object = request.channel.transport if request.channel else None
+            if isinstance(transport, SendfileServer):
+                SendfileStreamer(
+                    request, transport, body.fd, first + length, start=first
+                ).start()
+            else:
+                FileStreamer(
+                    self._clock, request, body.fd, first + length, start=first
+                ).start()
             return
         assert body.reader is not None
         ObjectStreamer(request, stored, body.reader.run, first, length).start()
