@@ -18,7 +18,7 @@ from e2e_harness import wait_for_committed_nar
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.parametrize("e2e_backend_name", ["sqlite-local"]),
+    pytest.mark.parametrize("e2e_backend_name", ["sqlite-local", "postgres-s3"]),
 ]
 
 
