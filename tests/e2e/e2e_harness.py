@@ -579,6 +579,64 @@ def committed_nar_digests(daemon: Ncps) -> dict[str, str]:
     return digests
 
 
+class HttpRelay:
+    """Relays TCP from clients to ``127.0.0.1:target_port``, one thread per
+    direction and connection; subclasses watch what passes by overriding
+    :meth:`relay_requests` and :meth:`relay_responses` (both get the
+    connection's ``state``, from :meth:`new_state`)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def new_state(self) -> Any:
+        return None
+
+    def relay_requests(
+        self, src: socket.socket, dst: socket.socket, state: Any
+    ) -> None:
+        _pump(src, dst)
+
+    def relay_responses(
+        self, src: socket.socket, dst: socket.socket, state: Any
+    ) -> None:
+        _pump(src, dst)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port), 5)
+            state = self.new_state()
+            threading.Thread(
+                target=self.relay_requests, args=(client, server, state), daemon=True
+            ).start()
+            threading.Thread(
+                target=self.relay_responses, args=(server, client, state), daemon=True
+            ).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
 def wait_for_committed_nar(daemon: Ncps, nar_sha256: str, timeout: float = 30) -> str:
     """Poll until an object holding the NAR with this digest is committed; its key."""
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 
 import pytest
+from e2e_harness import HttpRelay, wait_for_committed_nar
 from e2e_harness import _reset as reset_socket
-from e2e_harness import wait_for_committed_nar
 
 pytestmark = [
     pytest.mark.e2e,
@@ -26,7 +25,7 @@ pytestmark = [
 CUT_AFTER = 3_000_000
 
 
-class CuttingRelay:
+class CuttingRelay(HttpRelay):
     """Relays HTTP to ncps; the first response for ``target`` is cut mid-body.
 
     It sees each request head the client sends (Nix does not pipeline), so it
@@ -34,38 +33,17 @@ class CuttingRelay:
     """
 
     def __init__(self, target_port: int, target_path: str) -> None:
-        self.target_port = target_port
         self.target_path = target_path
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.requests: list[tuple[str, str | None]] = []
         self.cut = False
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def new_state(self) -> dict:
+        return {"cutting": False}
 
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port), 5)
-            state = {"cutting": False}
-            threading.Thread(
-                target=self._requests, args=(client, server, state), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._responses, args=(server, client, state), daemon=True
-            ).start()
-
-    def _requests(self, src: socket.socket, dst: socket.socket, state: dict) -> None:
+    def relay_requests(
+        self, src: socket.socket, dst: socket.socket, state: dict
+    ) -> None:
         buffer = b""
         try:
             while data := src.recv(65536):
@@ -85,7 +63,9 @@ class CuttingRelay:
         except OSError:
             pass
 
-    def _responses(self, src: socket.socket, dst: socket.socket, state: dict) -> None:
+    def relay_responses(
+        self, src: socket.socket, dst: socket.socket, state: dict
+    ) -> None:
         sent = 0
         try:
             while data := src.recv(65536):

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import threading
 
 import pytest
-from e2e_harness import wait_for_committed_nar
+from e2e_harness import HttpRelay, wait_for_committed_nar
 
 pytestmark = [
     pytest.mark.e2e,
@@ -22,7 +21,7 @@ pytestmark = [
 ]
 
 
-class HeadRecordingRelay:
+class HeadRecordingRelay(HttpRelay):
     """Relays HTTP to ncps and records, per NAR request, the response's head.
 
     Nix does not pipeline, and every ncps NAR response has a Content-Length
@@ -31,36 +30,15 @@ class HeadRecordingRelay:
     """
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.exchanges: list[tuple[str, dict[str, str]]] = []
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def new_state(self) -> list[tuple[str, str]]:
+        return []  # (method, path) of the requests not answered yet
 
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port), 5)
-            asked: list[tuple[str, str]] = []
-            threading.Thread(
-                target=self._requests, args=(client, server, asked), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._responses, args=(server, client, asked), daemon=True
-            ).start()
-
-    def _requests(self, src: socket.socket, dst: socket.socket, asked: list) -> None:
+    def relay_requests(
+        self, src: socket.socket, dst: socket.socket, asked: list
+    ) -> None:
         buffer = b""
         try:
             while data := src.recv(65536):
@@ -73,7 +51,9 @@ class HeadRecordingRelay:
         except OSError:
             pass
 
-    def _responses(self, src: socket.socket, dst: socket.socket, asked: list) -> None:
+    def relay_responses(
+        self, src: socket.socket, dst: socket.socket, asked: list
+    ) -> None:
         buffer = b""
         skip = 0
         try:

@@ -20,13 +20,20 @@ import pytest
 import pytest_twisted
 from servers import S3Server, free_port
 from twisted.internet import reactor
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web import server, static
 
-from ncps.config import load_config
+from ncps.config import Config, load_config
 from ncps.service import build_service
-from ncps.testing import TEST_UPSTREAM_KEY, make_nar_fixture, nar_of_file, random_nar
+from ncps.testing import (
+    TEST_UPSTREAM_KEY,
+    NarFixture,
+    make_nar_fixture,
+    nar_of_file,
+    random_nar,
+)
 
 # Clients the test itself uses to look into the bucket: their calls, made on
 # the reactor thread, are not the daemon's.
@@ -48,29 +55,27 @@ def boto_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield names
 
 
-async def http_get(url: str) -> tuple[int, bytes]:
-    import treq
-
-    response = await treq.get(url)
-    return response.code, await treq.content(response)
-
-
-@pytest_twisted.ensureDeferred
-async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
-    tmp_path: Path, s3_server: S3Server, s3_bucket: str, boto_threads: list[str]
-) -> None:
-    # 12 MiB of incompressible NAR: above the single-PUT limit (8 MiB).
-    fx = make_nar_fixture(nar=random_nar(12 << 20, 3), compression="none")
-    upstream_dir = tmp_path / "upstream"
-    (upstream_dir / "nar").mkdir(parents=True)
-    (upstream_dir / "nix-cache-info").write_bytes(b"StoreDir: /nix/store\n")
-    (upstream_dir / f"{fx.hash_part}.narinfo").write_bytes(fx.narinfo_text)
-    (upstream_dir / fx.nar_path).write_bytes(fx.file)
-    upstream = reactor.listenTCP(
-        0, server.Site(static.File(str(upstream_dir))), interface="127.0.0.1"
+def serve_upstream(root: Path, fx: NarFixture) -> IListeningPort:
+    """A static binary cache holding ``fx``, on 127.0.0.1."""
+    (root / "nar").mkdir(parents=True)
+    (root / "nix-cache-info").write_bytes(b"StoreDir: /nix/store\n")
+    (root / f"{fx.hash_part}.narinfo").write_bytes(fx.narinfo_text)
+    (root / fx.nar_path).write_bytes(fx.file)
+    port: IListeningPort = reactor.listenTCP(
+        0, server.Site(static.File(str(root))), interface="127.0.0.1"
     )
-    port = free_port()
-    config = load_config(
+    return port
+
+
+def s3_config(
+    tmp_path: Path,
+    s3_server: S3Server,
+    s3_bucket: str,
+    upstream: IListeningPort,
+    port: int,
+) -> Config:
+    """The daemon on ``port`` with its NARs in the bucket and SQLite."""
+    return load_config(
         {
             "cache-hostname": "cache.test",
             "cache-storage-s3-bucket": s3_bucket,
@@ -86,6 +91,33 @@ async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
         },
         {},
     )
+
+
+async def until_recorded(db: Path) -> None:
+    """Wait (up to 15 s) for the daemon's first nar_files row."""
+    for _ in range(1500):
+        with sqlite3.connect(db) as conn:
+            if conn.execute("SELECT COUNT(*) FROM nar_files").fetchone()[0]:
+                return
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+async def http_get(url: str) -> tuple[int, bytes]:
+    import treq
+
+    response = await treq.get(url)
+    return response.code, await treq.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, boto_threads: list[str]
+) -> None:
+    # 12 MiB of incompressible NAR: above the single-PUT limit (8 MiB).
+    fx = make_nar_fixture(nar=random_nar(12 << 20, 3), compression="none")
+    upstream = serve_upstream(tmp_path / "upstream", fx)
+    port = free_port()
+    config = s3_config(tmp_path, s3_server, s3_bucket, upstream, port)
     service = build_service(config, reactor)
     assert boto_threads == ["MainThread"]  # the bucket check, before listening
     boto_threads.clear()
@@ -109,12 +141,7 @@ async def test_nars_go_up_and_come_back_from_s3_on_the_s3_pool(
         assert head["ContentLength"] == len(fx.file)
         assert head["ETag"].strip('"').endswith("-2")  # two multipart parts
         # The row is written after the upload; then the NAR is served warm.
-        db = tmp_path / "db.sqlite3"
-        for _ in range(500):
-            with sqlite3.connect(db) as conn:
-                if conn.execute("SELECT COUNT(*) FROM nar_files").fetchone()[0]:
-                    break
-            await deferLater(reactor, 0.01, lambda: None)
+        await until_recorded(tmp_path / "db.sqlite3")
         uploads = len(boto_threads)
         code, warm = await http_get(base + fx.cache_nar_path())
         assert code == 200
@@ -187,30 +214,9 @@ async def test_an_uncompressed_nar_is_kept_zstd_compressed_in_the_bucket(
 ) -> None:
     text = b"".join(b"/nix/store/%d-lib/share\n" % (i % 977) for i in range(200_000))
     fx = make_nar_fixture(nar=nar_of_file(text), compression="none")
-    upstream_dir = tmp_path / "upstream"
-    (upstream_dir / "nar").mkdir(parents=True)
-    (upstream_dir / f"{fx.hash_part}.narinfo").write_bytes(fx.narinfo_text)
-    (upstream_dir / fx.nar_path).write_bytes(fx.file)
-    upstream = reactor.listenTCP(
-        0, server.Site(static.File(str(upstream_dir))), interface="127.0.0.1"
-    )
+    upstream = serve_upstream(tmp_path / "upstream", fx)
     port = free_port()
-    config = load_config(
-        {
-            "cache-hostname": "cache.test",
-            "cache-storage-s3-bucket": s3_bucket,
-            "cache-storage-s3-endpoint": s3_server.endpoint,
-            "cache-storage-s3-access-key-id": s3_server.access_key_id,
-            "cache-storage-s3-secret-access-key": s3_server.secret_access_key,
-            "cache-storage-s3-force-path-style": "true",
-            "cache-database-url": f"sqlite:{tmp_path}/db.sqlite3",
-            "cache-temp-path": str(tmp_path / "tmp"),
-            "cache-upstream-url": [f"http://127.0.0.1:{upstream.getHost().port}"],
-            "cache-upstream-public-key": [TEST_UPSTREAM_KEY.public_key().to_text()],
-            "server-addr": f"127.0.0.1:{port}",
-        },
-        {},
-    )
+    config = s3_config(tmp_path, s3_server, s3_bucket, upstream, port)
     service = build_service(config, reactor)
     service.startService()
     url = f"http://127.0.0.1:{port}" + fx.cache_nar_path()
@@ -222,12 +228,7 @@ async def test_an_uncompressed_nar_is_kept_zstd_compressed_in_the_bucket(
             f"store/nar/{fx.nar_key[0]}/{fx.nar_key[:2]}/"
             f"{fx.nar_key}.nar.transparent.zst"
         )
-        db = tmp_path / "db.sqlite3"
-        for _ in range(1500):
-            with sqlite3.connect(db) as conn:
-                if conn.execute("SELECT COUNT(*) FROM nar_files").fetchone()[0]:
-                    break
-            await deferLater(reactor, 0.01, lambda: None)
+        await until_recorded(tmp_path / "db.sqlite3")
         listing = client.list_objects_v2(Bucket=s3_bucket, Prefix="store/")
         assert [o["Key"] for o in listing.get("Contents", [])] == [key]
         stored = client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
