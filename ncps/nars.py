@@ -387,7 +387,8 @@ class NarFetcher:
 
         try:
             result: tuple[Path, int] | None = await self._io.run(pack_thd)
-        except OSError as e:
+        except Exception as e:
+            # Keep the verified NAR as it came rather than lose the download.
             log.warn("compressing NAR {key}: {why}", key=nar_key, why=str(e))
             return None
         return result
@@ -426,6 +427,12 @@ class NarFetcher:
             nar_size=ni.nar_size,
         )
         recorded: NarFile = await self._db.put_nar_file(nar_file)
+        if recorded.compression == form and recorded.file_size != size:
+            # An earlier row for this very object, whose bytes we just
+            # replaced (it was found damaged, or packed by another zstd):
+            # the object now in place is the truth, or every request would
+            # see a mismatch and fetch it again.
+            recorded = await self._db.replace_nar_file(nar_file)
         if self._on_commit is not None:
             self._on_commit(recorded)
         log.info(

@@ -15,6 +15,7 @@ as with buffered writes.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -23,9 +24,13 @@ from twisted.internet import main, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ncps.logs import ncps_observer
 from ncps.wire import GatedPort
+
+log = Logger(observer=ncps_observer)
 
 # At most this much per sendfile call, so one fast client does not hold the
 # reactor for long.
@@ -62,6 +67,10 @@ class SendfileServer(tcp.Server):
         self.startWriting()
         return done
 
+    def sending_file(self) -> bool:
+        """Whether a file region is queued or going out."""
+        return self._region is not None
+
     def _buffered(self) -> bool:
         return len(self.dataBuffer) > self.offset or self._tempDataLen > 0
 
@@ -80,11 +89,18 @@ class SendfileServer(tcp.Server):
             sent = os.sendfile(self.socket.fileno(), region.fd, region.offset, want)
         except (BlockingIOError, InterruptedError):
             sent = -1
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET):
+                log.error("sendfile of a stored NAR failed: {why}", why=str(e))
             return main.CONNECTION_LOST
         if sent == 0:
             # The file ended early: never let the client take a short body
             # for a whole one.
+            log.error(
+                "stored NAR ended at {offset} of {end} bytes",
+                offset=region.offset,
+                end=region.end,
+            )
             return main.CONNECTION_LOST
         if sent > 0:
             region.offset += sent
@@ -96,6 +112,11 @@ class SendfileServer(tcp.Server):
         self._region = None
         self._resume_producer()
         region.done.callback(None)
+        if self.sending_file():
+            # The callback answered a pipelined request with a region of its
+            # own: stay a writer (draining the buffer would stop writing).
+            self.startWriting()
+            return None
         # As when a buffer drains: stop writing, resume the producer, or
         # close the connection if it was asked to.
         return super().doWrite()

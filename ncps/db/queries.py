@@ -130,6 +130,8 @@ _FIND_NONE_NAR_FILE = (
             nar_files.c.compression.in_(["none", ZSTD_NONE]),
         )
     )
+    # Both rows may exist (the flag was switched): always the same one.
+    .order_by(nar_files.c.compression)
     .limit(1)
 )
 
@@ -236,6 +238,27 @@ def find_nar_file_thd(
         return get_nar_file_thd(conn, nar_key, compression)
     row = conn.execute(_FIND_NONE_NAR_FILE, {"nar_key": nar_key}).first()
     return _nar_file_from_row(row)
+
+
+def replace_nar_file_thd(conn: Connection, nar: NarFile) -> NarFile:
+    """Make the row of ``nar``'s object say what ``nar`` says (the object was
+    just replaced); the row as it is now."""
+    conn.execute(
+        update(nar_files)
+        .where(
+            and_(
+                nar_files.c.hash == nar.nar_key,
+                nar_files.c.compression == nar.compression,
+            )
+        )
+        .values(
+            file_size=nar.file_size,
+            nar_hash=nar.nar_hash.to_nix32(),
+            nar_size=nar.nar_size,
+        )
+    )
+    recorded = get_nar_file_thd(conn, nar.nar_key, nar.compression)
+    return nar if recorded is None else recorded
 
 
 def _nar_file_from_row(row: Row[tuple[object, ...]] | None) -> NarFile | None:
@@ -425,6 +448,15 @@ class Database:
 
     def get_nar_file(self, nar_key: str, compression: str):  # type: ignore[no-untyped-def]
         return self._run(get_nar_file_thd, nar_key, compression)
+
+    def replace_nar_file(self, nar: NarFile):  # type: ignore[no-untyped-def]
+        """Rewrite the row of an object that was just replaced; the row."""
+        return self._run(self._replace_nar_file_thd, nar)
+
+    def _replace_nar_file_thd(self, conn: Connection, nar: NarFile) -> NarFile:
+        recorded = replace_nar_file_thd(conn, nar)
+        self._notify_thd(conn, "nar", f"{nar.nar_key}:{nar.compression}")
+        return recorded
 
     def find_nar_file(self, nar_key: str, compression: str):  # type: ignore[no-untyped-def]
         """The stored NAR clients get for ``compression``, in any form."""

@@ -214,3 +214,29 @@ async def test_a_file_shorter_than_announced_drops_the_connection(
     # 1000 bytes short of what the head announced).
     assert SIZE < got < announced
     assert region.open_fds() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_each_get_their_file(
+    data: tuple[Path, bytes],
+) -> None:
+    path, body = data
+    region = Region(path)
+    port = listen(QuietSite(region, reactor=reactor))
+    number = port.getHost().port
+
+    def client() -> list[tuple[bytes, bytes]]:
+        with socket.create_connection(("127.0.0.1", number), timeout=10) as s:
+            s.sendall(  # both at once: the second waits behind the first
+                b"GET /0/1000 HTTP/1.1\r\nHost: t\r\n\r\n"
+                b"GET /5/1005 HTTP/1.1\r\nHost: t\r\n\r\n"
+                b"GET /0/%d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n" % SIZE
+            )
+            return [read_response(s) for _ in range(3)]
+
+    try:
+        got = await threads.deferToThread(client)
+    finally:
+        await port.stopListening()
+    assert [b for _, b in got] == [body[:1000], body[5:1005], body]
+    assert region.open_fds() == []

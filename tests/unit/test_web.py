@@ -27,6 +27,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 from ncps import narinfo as narinfo_mod
+from ncps import transparent
 from ncps.cache import Cache
 from ncps.db.queries import Database, get_nar_file_thd, get_narinfo_thd
 from ncps.signing import SecretKey, TrustedKeys
@@ -946,3 +947,21 @@ def test_warm_requests_are_answered_at_once(app: App) -> None:
         assert status.startswith(b"HTTP/1.1 200 "), path
         assert sent == body
         assert fields[b"content-length"] == b"%d" % len(body)
+
+
+def test_a_refetched_nar_packed_to_another_size_is_recorded_so(
+    zapp: App, packed: NarFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = zapp.store.nar_path(packed.nar_key, ZSTD_NONE)
+    path.write_bytes(path.read_bytes()[:100])  # damaged
+    # And the next pack comes out another size (a zstd upgrade, a level).
+    monkeypatch.setattr(transparent, "LEVEL", 19)
+    before = len(zapp.content_requests())
+    for _ in range(4):
+        _, body = zapp.request(packed.cache_nar_path())
+        assert body == packed.file
+        zapp.settle()
+    # Fetched again once, then served from the replaced object.
+    assert len(zapp.content_requests()) == before + 1
+    row = zapp.db.call_thd(get_nar_file_thd, packed.nar_key, ZSTD_NONE)
+    assert row.file_size == path.stat().st_size
