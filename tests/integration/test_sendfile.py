@@ -92,6 +92,17 @@ def read_response(s: socket.socket) -> tuple[bytes, bytes]:
     return head, bytes(body)
 
 
+def read_to_close(s: socket.socket) -> tuple[int, bool]:
+    """(bytes read until the server closed, whether it reset the connection)."""
+    got = 0
+    try:
+        while block := s.recv(1 << 20):
+            got += len(block)
+    except ConnectionResetError:
+        return got, True
+    return got, False
+
+
 @pytest_twisted.ensureDeferred
 async def test_regions_go_out_whole_one_after_another_on_one_connection(
     data: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
@@ -144,13 +155,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_the_file_closed(
             s.sendall(b"GET /0/%d HTTP/1.1\r\nHost: t\r\n\r\n" % SIZE)
             s.recv(1024)
             time.sleep(stall + 2.0)  # takes nothing: the socket fills
-            got, cut = 0, False
-            try:
-                while block := s.recv(1 << 20):
-                    got += len(block)
-            except ConnectionResetError:
-                cut = True
-            return got, cut
+            return read_to_close(s)
 
     try:
         got, cut = await threads.deferToThread(stop_reading)
@@ -198,12 +203,7 @@ async def test_a_file_shorter_than_announced_drops_the_connection(
     def ask_too_much() -> tuple[int, int]:
         with socket.create_connection(("127.0.0.1", number), timeout=10) as s:
             s.sendall(b"GET /0/%d HTTP/1.1\r\nHost: t\r\n\r\n" % (SIZE + 1000))
-            got = 0
-            try:
-                while block := s.recv(1 << 20):
-                    got += len(block)
-            except ConnectionResetError:
-                pass
+            got, _ = read_to_close(s)
             return got, SIZE + 1000
 
     try:
